@@ -1,0 +1,863 @@
+"""Embeddings and their metadata in one SQLite file, searched exactly, one model at a time.
+
+An `EmbeddingStore` is a SQLite database (standard library `sqlite3`, WAL mode) with three tables:
+
+- `meta`: key/value rows, among them `magic` and `schema_version`; the file header also carries
+  `PRAGMA application_id = APPLICATION_ID`, so a foreign file is recognised before anything is written.
+- `models`: which model made the embeddings (backbone, fingerprint, dimension, created, extra JSON).
+- `items`: one embedding per (model, path) with its label, split, category and extra JSON (every other column
+  of the items DataFrame), the vector stored as a little-endian float32 blob.
+
+Writes are one transaction each (all rows or none). Embeddings of two models never meet: every read, search
+and deletion names its model (an id, a fingerprint or an unambiguous fingerprint prefix / backbone name).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import sqlite3
+import urllib.request
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from numbers import Integral
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+__all__ = [
+    "APPLICATION_ID",
+    "SCHEMA_VERSION",
+    "EmbeddingStore",
+    "ModelInfo",
+    "NotAStoreError",
+    "StoreError",
+    "embed_dataset_cached",
+    "embed_images",
+]
+
+APPLICATION_ID = 0x4C4B4553  # "LKES": labkit embedding store, in the SQLite header (offset 68)
+SCHEMA_VERSION = 1
+MAGIC = "labkit-embedding-store"
+CORE_COLUMNS = ("path", "label", "split", "category")
+EXTRA_COLUMN = "extra"
+FILE_MTIME = "file_mtime_ns"
+FILE_SIZE = "file_size"
+BOX_COLUMNS = ("x_1", "y_1", "x_2", "y_2")
+RESULT_COLUMNS = ["query", "rank", "path", "label", "category", "split", "distance"]
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+_FILTERS = {"split": "split", "label": "label", "category": "category", "paths": "path"}
+_SCHEMA = f"""
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE models (
+    id INTEGER PRIMARY KEY,
+    backbone TEXT NOT NULL,
+    fingerprint TEXT NOT NULL UNIQUE,
+    dim INTEGER NOT NULL CHECK (dim > 0),
+    created TEXT NOT NULL,
+    extra TEXT NOT NULL DEFAULT '{{}}'
+);
+CREATE TABLE items (
+    id INTEGER PRIMARY KEY,
+    model_id INTEGER NOT NULL REFERENCES models(id) ON DELETE CASCADE,
+    path TEXT NOT NULL,
+    label,
+    split TEXT,
+    category TEXT,
+    extra TEXT NOT NULL DEFAULT '{{}}',
+    embedding BLOB NOT NULL,
+    UNIQUE (model_id, path)
+);
+CREATE INDEX items_model_split ON items (model_id, split);
+CREATE INDEX items_model_label ON items (model_id, label);
+PRAGMA application_id = {APPLICATION_ID};
+"""
+_UPSERT = """
+INSERT INTO items (model_id, path, label, split, category, extra, embedding) VALUES (?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (model_id, path) DO UPDATE SET
+    label = excluded.label, split = excluded.split, category = excluded.category,
+    extra = excluded.extra, embedding = excluded.embedding
+"""
+
+
+class StoreError(ValueError):
+    """Bad input to, or an inconsistent state of, an embedding store."""
+
+
+class NotAStoreError(StoreError):
+    """The file exists but is not a labkit embedding store (it is left untouched)."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """One row of the `models` table."""
+
+    id: int
+    backbone: str
+    fingerprint: str
+    dim: int
+    created: str
+    extra: dict
+
+    def describe(self) -> str:
+        return f"model {self.id} ({self.backbone}, dim {self.dim}, fingerprint {self.fingerprint[:12]})"
+
+
+# --- helpers
+def _file_uri(path: Path, mode: str) -> str:
+    return f"file:{urllib.request.pathname2url(str(path.resolve()))}?mode={mode}"
+
+
+def _check_store_file(path: Path) -> None:
+    """Raise NotAStoreError unless `path` is a labkit store; reads only (header bytes, then read-only)."""
+    advice = "Pass the path of a labkit embedding store or a new file name; this file was not changed."
+    if path.is_dir():
+        raise NotAStoreError(f"{path} is a directory, not a labkit embedding store. {advice}")
+    with open(path, "rb") as handle:
+        header = handle.read(100)
+    if not header:
+        raise NotAStoreError(f"{path} is an empty file, not a labkit embedding store. {advice}")
+    if not header.startswith(_SQLITE_HEADER) or len(header) < 100:
+        raise NotAStoreError(f"{path} is not a SQLite database, so not a labkit embedding store. {advice}")
+    app_id = int.from_bytes(header[68:72], "big", signed=True)
+    if app_id != APPLICATION_ID:
+        raise NotAStoreError(
+            f"{path} is a SQLite database of another application (application_id {app_id}, "
+            f"labkit stores have {APPLICATION_ID}). {advice}"
+        )
+    conn = sqlite3.connect(_file_uri(path, "ro"), uri=True)
+    try:
+        try:
+            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+        except sqlite3.DatabaseError as error:
+            raise NotAStoreError(
+                f"{path} has labkit's application_id but no readable meta table ({error})."
+            ) from None
+    finally:
+        conn.close()
+    if meta.get("magic") != MAGIC:
+        raise NotAStoreError(f"{path} has no labkit store marker in its meta table. {advice}")
+    version = int(meta.get("schema_version", "0"))
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} has store schema version {version}; this labkit reads versions up to {SCHEMA_VERSION}: "
+            "upgrade labkit."
+        )
+    if version < 1:
+        raise NotAStoreError(f"{path} has an invalid schema_version {meta.get('schema_version')!r}. {advice}")
+
+
+def _python_value(value: Any) -> Any:
+    """A numpy/pandas scalar as a plain Python value; missing values (None, NaN, NA) as None."""
+    if value is None:
+        return None
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if value is pd.NA or value is pd.NaT:
+        return None
+    return value
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if value is pd.NA or value is pd.NaT:
+        return None
+    if isinstance(value, (_dt.datetime, _dt.date)):
+        return value.isoformat()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"a {type(value).__name__} cannot be stored as JSON")
+
+
+def _dumps(extra: dict, path: str) -> str:
+    try:
+        return json.dumps(extra, default=_json_default)
+    except (TypeError, ValueError):
+        for key, value in extra.items():
+            try:
+                json.dumps(value, default=_json_default)
+            except (TypeError, ValueError) as error:
+                raise StoreError(
+                    f"item {path!r}: column {key!r} holds {value!r}, which cannot be stored ({error}); "
+                    "convert it to a str, number, bool or list, or drop the column."
+                ) from None
+        raise
+
+
+def _value_list(values: Any) -> list:
+    if isinstance(values, (str, bytes, Path)) or np.isscalar(values):
+        values = [values]
+    return [str(v) if isinstance(v, Path) else _python_value(v) for v in values]
+
+
+def _to_numpy(array: Any) -> np.ndarray:
+    if hasattr(array, "detach"):  # torch.Tensor, without importing torch
+        array = array.detach().cpu().numpy()
+    return np.asarray(array)
+
+
+def _matrix(embeddings: Any, model: ModelInfo, paths: Sequence[str], what: str = "embeddings") -> np.ndarray:
+    """(N, D) little-endian float32, checked: N rows, D == model.dim, all finite."""
+    n = len(paths)
+    if isinstance(embeddings, (list, tuple)):
+        rows = [_to_numpy(row).astype(np.float32, copy=False) for row in embeddings]
+        for i, row in enumerate(rows):
+            if row.ndim != 1 or row.shape[0] != model.dim:
+                name = f" (path {paths[i]!r})" if i < n else ""
+                raise StoreError(
+                    f"{model.describe()}: {what} row {i}{name} has shape {tuple(row.shape)}, "
+                    f"expected ({model.dim},). Nothing was written."
+                )
+        matrix = np.stack(rows) if rows else np.empty((0, model.dim), np.float32)
+    else:
+        matrix = _to_numpy(embeddings)
+    if matrix.ndim != 2:
+        raise StoreError(f"{model.describe()}: {what} must be a 2-D (N, D) array, got shape {matrix.shape}.")
+    if not (np.issubdtype(matrix.dtype, np.floating) or np.issubdtype(matrix.dtype, np.integer)):
+        raise StoreError(f"{model.describe()}: {what} have dtype {matrix.dtype}; expected float32 numbers.")
+    if matrix.shape[0] != n:
+        raise StoreError(f"{model.describe()}: {what} have {matrix.shape[0]} rows but {n} items were given.")
+    if matrix.shape[1] != model.dim:
+        first = f" (first item: {paths[0]!r})" if n else ""
+        raise StoreError(
+            f"{model.describe()} has dimension {model.dim} but the {what} have {matrix.shape[1]} "
+            f"columns{first}. Use the model that made these vectors, or register a new one. "
+            "Nothing was written."
+        )
+    with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused below
+        matrix = np.ascontiguousarray(matrix, dtype="<f4")
+    bad = np.flatnonzero(~np.isfinite(matrix).all(axis=1))
+    if bad.size:
+        i = int(bad[0])
+        name = f" (path {paths[i]!r})" if i < n else ""
+        raise StoreError(
+            f"{model.describe()}: {what} row {i}{name} has a non-finite value "
+            f"({matrix[i][~np.isfinite(matrix[i])][0]}); {bad.size} row(s) are non-finite in float32. "
+            "Nothing was written."
+        )
+    return matrix
+
+
+def _items_frame(items: pd.DataFrame | Sequence[str] | Sequence[Path]) -> pd.DataFrame:
+    if isinstance(items, pd.DataFrame):
+        frame = items.reset_index(drop=True)
+    else:
+        frame = pd.DataFrame({"path": [str(p) for p in items]})
+    if "path" not in frame.columns:
+        raise StoreError(f"the items DataFrame needs a 'path' column; it has {list(frame.columns)}.")
+    bad_names = [c for c in frame.columns if not isinstance(c, str)]
+    if bad_names:
+        raise StoreError(f"item column names must be strings; got {bad_names}.")
+    paths = frame["path"].tolist()
+    for i, p in enumerate(paths):
+        if isinstance(p, Path):
+            paths[i] = str(p)
+        elif not isinstance(p, str) or not p:
+            raise StoreError(f"items row {i}: 'path' must be a non-empty string, got {p!r}.")
+    duplicated = pd.Index(paths)[pd.Index(paths).duplicated()]
+    if len(duplicated):
+        raise StoreError(
+            f"items contain the path {duplicated[0]!r} more than once; each path is stored once."
+        )
+    frame["path"] = paths
+    return frame
+
+
+# --- store
+class EmbeddingStore:
+    """Embeddings and metadata of one or more models in a SQLite file.
+
+    `EmbeddingStore(path)` opens an existing store or creates a new one (`create=False`: only open).
+    A file that is not a labkit store is refused with `NotAStoreError` before anything is written to it.
+    Use as a context manager or call `close()`.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, create: bool = True, read_only: bool = False) -> None:
+        self.path = Path(path).expanduser()
+        self.read_only = read_only
+        self._writes = 0
+        self._gallery_cache: tuple | None = None
+        if self.path.exists():
+            _check_store_file(self.path)
+            self._conn = self._connect("ro" if read_only else "rw")
+        elif not create or read_only:
+            raise FileNotFoundError(f"no embedding store at {self.path}; pass create=True to make a new one.")
+        else:
+            if not self.path.parent.is_dir():
+                raise FileNotFoundError(
+                    f"cannot create {self.path}: folder {self.path.parent} does not exist."
+                )
+            self._conn = self._connect("rwc")
+            self._create_schema()
+        if not read_only:
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+
+    def _connect(self, mode: str) -> sqlite3.Connection:
+        conn = sqlite3.connect(_file_uri(self.path, mode), uri=True, isolation_level=None)
+        conn.execute("PRAGMA foreign_keys = ON")
+        return conn
+
+    def _create_schema(self) -> None:
+        # Everything, application_id included, in the first (rollback-journal) transaction, before WAL is on:
+        # the header of the main file carries the marker from the start.
+        now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        from labkit import __version__
+
+        meta = {"magic": MAGIC, "schema_version": str(SCHEMA_VERSION), "created": now, "labkit": __version__}
+        statements = [s for s in _SCHEMA.split(";") if s.strip()]
+        with self._transaction():
+            for statement in statements:
+                self._conn.execute(statement)
+            self._conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta.items())
+
+    # -- lifecycle
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        conn = getattr(self, "_conn", None)
+        if conn is not None:
+            conn.close()
+            self._conn = None
+        self._gallery_cache = None
+
+    def __enter__(self) -> EmbeddingStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._conn is None else f"{len(self)} items"
+        return f"EmbeddingStore({str(self.path)!r}, {state})"
+
+    def __len__(self) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise StoreError(f"the store {self.path} is closed.")
+        return self._conn
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        if self.read_only:
+            raise StoreError(
+                f"the store {self.path} was opened read_only=True; open it writable to change it."
+            )
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        self._writes += 1
+
+    @property
+    def meta(self) -> dict[str, str]:
+        """The `meta` table (magic, schema_version, created, labkit version)."""
+        return dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+
+    # -- models
+    def register_model(self, backbone: str, fingerprint: str, dim: int, **extra: Any) -> int:
+        """The id of the model with this fingerprint, registering it when new.
+
+        Raises StoreError when the fingerprint is already registered with another backbone or dimension.
+        """
+        if not isinstance(backbone, str) or not backbone:
+            raise StoreError(f"backbone must be a non-empty string, got {backbone!r}.")
+        if not isinstance(fingerprint, str) or not fingerprint:
+            raise StoreError(f"fingerprint must be a non-empty string, got {fingerprint!r}.")
+        if isinstance(dim, bool) or not isinstance(dim, Integral) or dim <= 0:
+            raise StoreError(f"dim must be a positive integer, got {dim!r}.")
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT id, backbone, dim FROM models WHERE fingerprint = ?", (fingerprint,)
+            ).fetchone()
+            if row is not None:
+                if (row[1], row[2]) != (backbone, int(dim)):
+                    raise StoreError(
+                        f"fingerprint {fingerprint[:12]} is registered as model {row[0]} "
+                        f"({row[1]}, dim {row[2]}), "
+                        f"not ({backbone}, dim {dim}); a fingerprint names exactly one model."
+                    )
+                return int(row[0])
+            now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+            cursor = db.execute(
+                "INSERT INTO models (backbone, fingerprint, dim, created, extra) VALUES (?, ?, ?, ?, ?)",
+                (backbone, fingerprint, int(dim), now, _dumps(extra, fingerprint)),
+            )
+            return int(cursor.lastrowid)
+
+    def models(self) -> list[ModelInfo]:
+        """All registered models, by id."""
+        rows = self._db.execute(
+            "SELECT id, backbone, fingerprint, dim, created, extra FROM models ORDER BY id"
+        )
+        return [ModelInfo(r[0], r[1], r[2], r[3], r[4], json.loads(r[5])) for r in rows]
+
+    def model(self, model: int | str) -> ModelInfo:
+        """Resolve a model: its id, its fingerprint, a unique fingerprint prefix or a unique backbone name."""
+        known = self.models()
+        listing = "; ".join(m.describe() for m in known) or "none registered yet"
+        if isinstance(model, ModelInfo):
+            model = model.id
+        if isinstance(model, Integral) and not isinstance(model, bool):
+            found = [m for m in known if m.id == int(model)]
+        elif isinstance(model, str) and model:
+            found = [m for m in known if m.fingerprint == model]
+            found = found or [m for m in known if len(model) >= 6 and m.fingerprint.startswith(model)]
+            found = found or [m for m in known if m.backbone == model]
+        else:
+            raise StoreError(
+                f"name the model whose embeddings to use (id, fingerprint or backbone), got {model!r}; "
+                f"models in {self.path.name}: {listing}."
+            )
+        if not found:
+            raise StoreError(f"no model {model!r} in {self.path}; models: {listing}.")
+        if len(found) > 1:
+            raise StoreError(
+                f"model {model!r} is ambiguous in {self.path}: it matches "
+                + "; ".join(m.describe() for m in found)
+                + ". Pass the model id or the full fingerprint."
+            )
+        return found[0]
+
+    def model_for_fingerprint(self, fingerprint: str) -> ModelInfo | None:
+        """The model with exactly this fingerprint, or None."""
+        return next((m for m in self.models() if m.fingerprint == fingerprint), None)
+
+    # -- writing
+    def add(
+        self, model: int | str, embeddings: Any, items: pd.DataFrame | Sequence[str] | Sequence[Path]
+    ) -> dict[str, int]:
+        """Insert or update (by path) one embedding per item, all in one transaction.
+
+        `items`: a DataFrame with a `path` column and optionally `label`, `split`, `category`, `extra`
+        (dicts merged into the extra JSON); every other column is kept in the extra JSON and comes back as a
+        column from `load`. Or a list of paths. Returns `{"inserted": n, "updated": m}`.
+        On any error nothing is written.
+        """
+        info = self.model(model)
+        frame = _items_frame(items)
+        paths = frame["path"].tolist()
+        matrix = _matrix(embeddings, info, paths)
+        with self._transaction() as db:
+            before = db.execute("SELECT COUNT(*) FROM items WHERE model_id = ?", (info.id,)).fetchone()[0]
+            db.executemany(_UPSERT, self._rows(info.id, frame, matrix))
+            after = db.execute("SELECT COUNT(*) FROM items WHERE model_id = ?", (info.id,)).fetchone()[0]
+        inserted = after - before
+        return {"inserted": inserted, "updated": len(paths) - inserted}
+
+    @staticmethod
+    def _rows(model_id: int, frame: pd.DataFrame, matrix: np.ndarray) -> Iterator[tuple]:
+        """Rows for the upsert, made lazily: a bad value stops the insert half-way (and it rolls back)."""
+        columns = {c: frame[c].tolist() for c in frame.columns}
+        core = [columns.get(c, [None] * len(frame)) for c in CORE_COLUMNS]
+        extra_names = [c for c in frame.columns if c not in CORE_COLUMNS and c != EXTRA_COLUMN]
+        given_extra = columns.get(EXTRA_COLUMN)
+        for i, (path, label, split, category) in enumerate(zip(*core, strict=True)):
+            extra = {name: columns[name][i] for name in extra_names}
+            if given_extra is not None and isinstance(given_extra[i], dict):
+                extra.update(given_extra[i])
+            elif given_extra is not None and _python_value(given_extra[i]) is not None:
+                raise StoreError(
+                    f"item {path!r}: the 'extra' column must hold dicts, got {given_extra[i]!r}."
+                )
+            yield (
+                model_id,
+                path,
+                _python_value(label),
+                _python_value(split),
+                _python_value(category),
+                _dumps(extra, path) if extra else "{}",
+                matrix[i].tobytes(),
+            )
+
+    def delete_items(
+        self,
+        model: int | str,
+        *,
+        split: Any = None,
+        label: Any = None,
+        category: Any = None,
+        paths: Any = None,
+        all_items: bool = False,
+    ) -> int:
+        """Delete the model's items matching every given filter; returns how many were deleted.
+
+        Without filters nothing is deleted unless `all_items=True` (the model stays registered).
+        """
+        info = self.model(model)
+        filters = {"split": split, "label": label, "category": category, "paths": paths}
+        if all(v is None for v in filters.values()) and not all_items:
+            raise StoreError(
+                f"delete_items on {info.describe()} got no filter; pass split/label/category/paths, "
+                "or all_items=True to delete all of its items."
+            )
+        where, params = self._where(info.id, filters)
+        with self._transaction() as db:
+            return db.execute(f"DELETE FROM items WHERE {where}", params).rowcount
+
+    def delete_model(self, model: int | str) -> int:
+        """Delete a model and all its items; returns the number of items deleted."""
+        info = self.model(model)
+        with self._transaction() as db:
+            count = db.execute("DELETE FROM items WHERE model_id = ?", (info.id,)).rowcount
+            db.execute("DELETE FROM models WHERE id = ?", (info.id,))
+        return count
+
+    def vacuum(self) -> None:
+        """Give the space of deleted rows back to the file system."""
+        self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        self._db.execute("VACUUM")
+
+    # -- reading
+    def _count(self, model_id: int) -> int:
+        return self._db.execute("SELECT COUNT(*) FROM items WHERE model_id = ?", (model_id,)).fetchone()[0]
+
+    @staticmethod
+    def _where(model_id: int, filters: dict[str, Any]) -> tuple[str, list]:
+        clauses, params = ["model_id = ?"], [model_id]
+        for name, values in filters.items():
+            if name not in _FILTERS:
+                raise StoreError(f"unknown filter {name!r}; use one of {sorted(_FILTERS)}.")
+            if values is None:
+                continue
+            clauses.append(f"{_FILTERS[name]} IN (SELECT value FROM json_each(?))")
+            params.append(json.dumps(_value_list(values)))
+        return " AND ".join(clauses), params
+
+    def load(
+        self,
+        model: int | str,
+        *,
+        split: Any = None,
+        label: Any = None,
+        category: Any = None,
+        paths: Any = None,
+    ) -> tuple[np.ndarray, pd.DataFrame]:
+        """The model's embeddings `(N, D)` float32 and their metadata, for items matching every given filter.
+
+        Filters take one value or a list of values. Rows come in insertion order, or in the order of `paths`
+        when given (paths not in the store are left out). The metadata has `path, label, split, category`
+        and one column per extra key.
+        """
+        info = self.model(model)
+        filters = {"split": split, "label": label, "category": category, "paths": paths}
+        where, params = self._where(info.id, filters)
+        rows = self._db.execute(
+            f"SELECT path, label, split, category, extra, embedding FROM items WHERE {where} ORDER BY id",
+            params,
+        ).fetchall()
+        if paths is not None and rows:
+            order = {p: i for i, p in reversed(list(enumerate(_value_list(paths))))}
+            rows.sort(key=lambda row: order[row[0]])
+        return self._assemble(info, rows)
+
+    def _assemble(self, info: ModelInfo, rows: list[tuple]) -> tuple[np.ndarray, pd.DataFrame]:
+        if not rows:
+            return np.empty((0, info.dim), np.float32), pd.DataFrame(
+                {c: [] for c in CORE_COLUMNS}, dtype=object
+            )
+        path, label, split, category, extra, blobs = zip(*rows, strict=True)
+        buffer = bytearray().join(blobs)
+        if len(buffer) != len(rows) * info.dim * 4:
+            raise StoreError(
+                f"{self.path}: stored vectors of {info.describe()} do not all have {info.dim} values."
+            )
+        matrix = (
+            np.frombuffer(buffer, dtype="<f4").astype(np.float32, copy=False).reshape(len(rows), info.dim)
+        )
+        frame = pd.DataFrame({"path": path, "label": label, "split": split, "category": category})
+        if any(e != "{}" for e in extra):
+            extras = pd.DataFrame([json.loads(e) for e in extra])
+            frame = pd.concat([frame, extras.drop(columns=list(CORE_COLUMNS), errors="ignore")], axis=1)
+        return matrix, frame
+
+    def stored_extra(self, model: int | str, paths: Sequence[str]) -> dict[str, dict]:
+        """`{path: extra dict}` for those of `paths` the model has stored (no embeddings read)."""
+        info = self.model(model)
+        where, params = self._where(info.id, {"paths": list(paths)})
+        rows = self._db.execute(f"SELECT path, extra FROM items WHERE {where}", params)
+        return {path: json.loads(extra) for path, extra in rows}
+
+    def summary(self) -> pd.DataFrame:
+        """One row per model: id, backbone, fingerprint, dim, created, item/label/category counts, splits."""
+        rows = self._db.execute(
+            """SELECT m.id, m.backbone, m.fingerprint, m.dim, m.created, COUNT(i.id),
+                      COUNT(DISTINCT i.label), COUNT(DISTINCT i.category)
+               FROM models m LEFT JOIN items i ON i.model_id = m.id GROUP BY m.id ORDER BY m.id"""
+        ).fetchall()
+        splits: dict[int, list[str]] = {}
+        for model_id, split, count in self._db.execute(
+            "SELECT model_id, split, COUNT(*) FROM items GROUP BY model_id, split ORDER BY model_id, split"
+        ):
+            splits.setdefault(model_id, []).append(f"{split}: {count}")
+        columns = [
+            "model_id",
+            "backbone",
+            "fingerprint",
+            "dim",
+            "created",
+            "n_items",
+            "n_labels",
+            "n_categories",
+        ]
+        frame = pd.DataFrame(rows, columns=columns)
+        frame["splits"] = [", ".join(splits.get(m, [])) for m in frame["model_id"]]
+        return frame
+
+    # -- search
+    def _gallery(self, info: ModelInfo, filters: dict[str, Any]) -> tuple[np.ndarray, pd.DataFrame]:
+        """`load` with a one-entry cache, invalid after any write (this connection's or another's)."""
+        key = (info.id, json.dumps({k: _value_list(v) for k, v in filters.items() if v is not None}))
+        stamp = (self._writes, self._db.execute("PRAGMA data_version").fetchone()[0])
+        if self._gallery_cache is not None and self._gallery_cache[:2] == (key, stamp):
+            return self._gallery_cache[2], self._gallery_cache[3]
+        matrix, frame = self.load(info.id, **filters)
+        self._gallery_cache = (key, stamp, matrix, frame)
+        return matrix, frame
+
+    def _search(
+        self,
+        queries: np.ndarray,
+        info: ModelInfo,
+        k: int,
+        filters: dict[str, Any],
+        exclude: Sequence[str | None] | None = None,
+    ) -> pd.DataFrame:
+        from labkit.retrieval import knn
+
+        if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
+            raise StoreError(f"k must be a positive integer, got {k!r}.")
+        gallery, meta = self._gallery(info, filters)
+        if len(gallery) == 0:
+            active = {n: v for n, v in filters.items() if v is not None}
+            raise StoreError(f"{info.describe()} has no stored items matching {active or 'any filter'}.")
+        import torch
+
+        extra = 1 if exclude is not None else 0
+        top = min(int(k) + extra, len(gallery))
+        distances, indices = knn(torch.from_numpy(queries), torch.from_numpy(gallery), top)
+        distances, indices = _to_numpy(distances), _to_numpy(indices)
+        gallery_paths = meta["path"].to_numpy()
+        out = {c: [] for c in ("query", "rank", "row")}
+        distance_values = []
+        for q in range(len(queries)):
+            skip = exclude[q] if exclude is not None else None
+            rank = 0
+            for j, row in enumerate(indices[q]):
+                if row < 0 or (skip is not None and gallery_paths[row] == skip) or rank == k:
+                    continue
+                rank += 1
+                out["query"].append(q)
+                out["rank"].append(rank)
+                out["row"].append(int(row))
+                distance_values.append(float(distances[q, j]))
+        hits = meta.iloc[out["row"]]
+        return pd.DataFrame(
+            {
+                "query": np.asarray(out["query"], dtype=np.int64),
+                "rank": np.asarray(out["rank"], dtype=np.int64),
+                "path": hits["path"].to_numpy(),
+                "label": hits["label"].to_numpy(),
+                "category": hits["category"].to_numpy(),
+                "split": hits["split"].to_numpy(),
+                "distance": np.asarray(distance_values, dtype=np.float32),
+            }
+        )
+
+    def search(
+        self,
+        query_vectors: Any,
+        *,
+        model: int | str,
+        k: int = 5,
+        split: Any = None,
+        label: Any = None,
+        category: Any = None,
+        paths: Any = None,
+    ) -> pd.DataFrame:
+        """Exact Euclidean top-k of query vectors `(Q, D)` among the model's items matching the filters.
+
+        Returns one row per hit: `query` (row of query_vectors), `rank` (1 = nearest), `path`, `label`,
+        `category`, `split`, `distance`.
+        """
+        info = self.model(model)
+        queries = _to_numpy(query_vectors)
+        if queries.ndim == 1:
+            queries = queries[None, :]
+        names = [f"query {i}" for i in range(len(queries))]
+        queries = _matrix(queries, info, names, what="query vectors")
+        filters = {"split": split, "label": label, "category": category, "paths": paths}
+        return self._search(queries, info, k, filters)
+
+    def search_stored(
+        self,
+        query_paths: str | Sequence[str],
+        *,
+        model: int | str,
+        k: int = 5,
+        exclude_self: bool = True,
+        split: Any = None,
+        label: Any = None,
+        category: Any = None,
+        paths: Any = None,
+    ) -> pd.DataFrame:
+        """Search with stored items as queries (by path); the query itself is left out of its results
+        unless `exclude_self=False`. Adds a `query_path` column."""
+        info = self.model(model)
+        query_paths = _value_list(query_paths)
+        queries, found = self.load(info.id, paths=query_paths)
+        missing = sorted(set(query_paths) - set(found["path"]))
+        if missing:
+            raise StoreError(f"{info.describe()} has no stored item {missing[0]!r} ({len(missing)} missing).")
+        query_paths = found["path"].tolist()
+        filters = {"split": split, "label": label, "category": category, "paths": paths}
+        results = self._search(queries, info, k, filters, exclude=query_paths if exclude_self else None)
+        results.insert(1, "query_path", [query_paths[q] for q in results["query"]])
+        return results
+
+    def search_images(
+        self,
+        images: Any,
+        extractor: torch.nn.Module,
+        *,
+        k: int = 5,
+        model: int | str | None = None,
+        batch_size: int = 32,
+        device: str = "cpu",
+        split: Any = None,
+        label: Any = None,
+        category: Any = None,
+        paths: Any = None,
+    ) -> pd.DataFrame:
+        """Embed new images (paths or PIL images) with `extractor` and search the model that has the same
+        fingerprint (or `model`, which must then have the extractor's fingerprint). Adds `query_path`."""
+        from labkit.models import fingerprint
+
+        extractor_fingerprint = fingerprint(extractor)
+        if model is None:
+            info = self.model_for_fingerprint(extractor_fingerprint)
+            if info is None:
+                listing = "; ".join(m.describe() for m in self.models()) or "none"
+                raise StoreError(
+                    f"the extractor (fingerprint {extractor_fingerprint[:12]}) made none of the embeddings "
+                    f"in {self.path}; models there: {listing}. Load the extractor that built the store."
+                )
+        else:
+            info = self.model(model)
+            if info.fingerprint != extractor_fingerprint:
+                raise StoreError(
+                    f"the extractor has fingerprint {extractor_fingerprint[:12]} but {info.describe()} was "
+                    "made by another model; their vectors cannot be compared. Load the extractor that built "
+                    "the store."
+                )
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        names = [str(im) if isinstance(im, (str, Path)) else None for im in images]
+        vectors = embed_images(extractor, images, batch_size=batch_size, device=device)
+        queries = _matrix(
+            vectors, info, [n or f"image {i}" for i, n in enumerate(names)], what="query vectors"
+        )
+        filters = {"split": split, "label": label, "category": category, "paths": paths}
+        results = self._search(queries, info, k, filters)
+        results.insert(1, "query_path", [names[q] for q in results["query"]])
+        return results
+
+
+# --- image embedding
+def embed_images(
+    extractor: torch.nn.Module, images: Iterable[Any], *, batch_size: int = 32, device: str = "cpu"
+) -> np.ndarray:
+    """Embeddings `(N, D)` float32 of image paths or PIL images (the extractor's evaluation transforms)."""
+    from labkit.data import load_image
+    from labkit.models import embed
+
+    transform = extractor.transforms(train=False)
+    tensors = [
+        transform(load_image(im) if isinstance(im, (str, Path)) else im.convert("RGB")) for im in images
+    ]
+    if not tensors:
+        return np.empty((0, int(extractor.embedding_size)), np.float32)
+    return embed(extractor, tensors, batch_size=batch_size, device=device, progress=False).numpy()
+
+
+def _file_stamp(path: str) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_mtime_ns, stat.st_size
+
+
+def embed_dataset_cached(
+    store: EmbeddingStore,
+    extractor: torch.nn.Module,
+    dataset_df: pd.DataFrame,
+    *,
+    batch_size: int = 64,
+    device: str = "cpu",
+    num_workers: int = 0,
+    progress: bool = False,
+) -> dict[str, int]:
+    """Store the embeddings of every image of `dataset_df`, embedding only those not already stored for
+    the extractor's fingerprint with the same file (modification time and size) and box.
+
+    Metadata of all rows is refreshed in one transaction. Returns `{"model_id", "embedded", "skipped"}`.
+    """
+    from labkit.data import LabeledImages
+    from labkit.models import embed, fingerprint
+
+    frame = _items_frame(dataset_df)
+    dim = int(extractor.embedding_size)
+    model_id = store.register_model(extractor.backbone_name, fingerprint(extractor), dim)
+    paths = frame["path"].tolist()
+    stamps = [_file_stamp(p) for p in paths]
+    frame[FILE_MTIME] = [s[0] for s in stamps]
+    frame[FILE_SIZE] = [s[1] for s in stamps]
+    boxes = [c for c in BOX_COLUMNS if c in frame.columns]
+    stored = store.stored_extra(model_id, paths)
+
+    def unchanged(i: int) -> bool:
+        old = stored.get(paths[i])
+        keys = [FILE_MTIME, FILE_SIZE, *boxes]
+        return old is not None and all(
+            _python_value(old.get(c)) == _python_value(frame.at[i, c]) for c in keys
+        )
+
+    keep = np.array([unchanged(i) for i in range(len(frame))], dtype=bool)
+    matrix = np.empty((len(frame), dim), np.float32)
+    if keep.any():
+        kept_vectors, _ = store.load(model_id, paths=[p for p, k in zip(paths, keep, strict=True) if k])
+        matrix[keep] = kept_vectors
+    todo = np.flatnonzero(~keep)
+    if len(todo):
+        dataset = LabeledImages(
+            frame.iloc[todo].reset_index(drop=True), transform=extractor.transforms(train=False)
+        )
+        vectors = embed(
+            extractor,
+            dataset,
+            batch_size=batch_size,
+            device=device,
+            num_workers=num_workers,
+            progress=progress,
+        )
+        matrix[todo] = _to_numpy(vectors)
+    store.add(model_id, matrix, frame)
+    return {"model_id": model_id, "embedded": int(len(todo)), "skipped": int(keep.sum())}
