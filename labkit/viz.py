@@ -1,0 +1,641 @@
+"""Figures for retrieval results, embeddings and training runs.
+
+Every function returns a `matplotlib.figure.Figure` built without pyplot: nothing is shown or kept open,
+it works headless (Agg) and a notebook displays a returned figure once. Save one with `fig.savefig(path)`.
+
+Retrieval figures take a `RetrievalResults` (labkit.retrieval) and the items it indexes: a DataFrame with one
+row per item in the order of the embeddings (e.g. `labkit.data.validation_dataset(df).df`; a full dataset with
+a `split` column is narrowed to its validation rows), or a list of image paths. `query_pos` always means a row
+of the results (0..Q-1); `results.query_ids[query_pos]` is the item it stands for.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
+from typing import Any
+
+import matplotlib.figure
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.ticker import MaxNLocator
+
+RELEVANT_COLOR = "#1a9641"  # green frame: same label as the query
+IRRELEVANT_COLOR = "#d7191c"  # red frame: another label
+QUERY_COLOR = "#2b83ba"  # blue frame: the query itself
+POSITIVE_COLOR = "#1a9641"
+NEGATIVE_COLOR = "#d7191c"
+FRAME_WIDTH = 4.0
+CHECK, CROSS = "\u2713", "\u2717"  # marks beside the rank, for readers who do not tell red from green
+LABEL_CHARS = 16  # longer labels are shortened with an ellipsis so that neighbours never overlap at k=10
+METRIC_COLUMN = re.compile(r"^(cmc|precision|map|pcf|fnmr@fmr)@")
+_BOX = ("x_1", "y_1", "x_2", "y_2")  # labkit.data.BOX
+
+
+class Figure(matplotlib.figure.Figure):
+    """A matplotlib Figure that notebooks show as a PNG even when pyplot was never imported."""
+
+    def _repr_png_(self) -> bytes:
+        return figure_png(self)
+
+
+def figure_png(fig: matplotlib.figure.Figure, *, dpi: int = 100) -> bytes:
+    """The figure rendered as PNG bytes (Agg, tight bounding box)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
+    return buffer.getvalue()
+
+
+def save_figure(
+    fig: matplotlib.figure.Figure, path: str | os.PathLike, *, dpi: int = 100, overwrite: bool = True
+) -> str:
+    """Save `fig` as an image (format from the suffix), creating parent folders; returns the path."""
+    path = os.fspath(path)
+    if not overwrite and os.path.exists(path):
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight", facecolor="white")
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def worst_queries(
+    per_query_values: Any, *, n: int | None = None, higher_is_better: bool = True, skip_nan: bool = True
+) -> np.ndarray:
+    """Query positions ordered worst first (lowest value when `higher_is_better`), ties broken by position.
+
+    NaN values (queries without any relevant gallery item) are left out when `skip_nan`, else put last.
+    `n` keeps the first n (all when None).
+    """
+    values = _as_numpy(per_query_values, "per_query_values").astype(np.float64)
+    if values.ndim != 1:
+        raise ValueError(f"per_query_values must be one value per query (1-D), got shape {values.shape}")
+    if n is not None and n < 0:
+        raise ValueError(f"n must be >= 0 or None, got {n}")
+    key = values if higher_is_better else -values
+    nan = np.isnan(values)
+    order = np.argsort(np.where(nan, np.inf, key), kind="stable")  # stable: equal values keep position order
+    order = order[~nan[order]] if skip_nan else np.concatenate([order[~nan[order]], order[nan[order]]])
+    return order[:n].astype(np.int64) if n is not None else order.astype(np.int64)
+
+
+def shorten(text: Any, width: int = LABEL_CHARS) -> str:
+    """`text` cut to at most `width` characters, keeping its start and end around an ellipsis."""
+    text = str(text)
+    if len(text) <= width:
+        return text
+    head = max((width - 1) * 3 // 5, 1)
+    tail = max(width - 1 - head, 0)
+    return text[:head] + "\u2026" + (text[-tail:] if tail else "")
+
+
+def pca_2d(embeddings: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Project embeddings (N, D) on their first two principal components.
+
+    Returns (coordinates (N, 2), explained variance ratio of the two components). Deterministic: each
+    component's sign makes its largest loading positive.
+    """
+    x = torch.as_tensor(_as_numpy(embeddings, "embeddings"), dtype=torch.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"embeddings must be a (N, D) matrix with N >= 2, got shape {tuple(x.shape)}")
+    x = x - x.mean(dim=0)
+    cov = x.T @ x / (x.shape[0] - 1)
+    eigvals, eigvecs = torch.linalg.eigh(cov)  # ascending
+    eigvals, eigvecs = eigvals.flip(0).clamp_min(0), eigvecs.flip(1)
+    if x.shape[1] < 2:
+        eigvals, eigvecs = (
+            torch.cat([eigvals, eigvals.new_zeros(1)]),
+            torch.cat([eigvecs, eigvecs.new_zeros(1, 1)], dim=1),
+        )
+    components = eigvecs[:, :2]
+    signs = torch.sign(components.gather(0, components.abs().argmax(dim=0, keepdim=True)))
+    components = components * torch.where(signs == 0, 1.0, signs)
+    total = eigvals.sum()
+    ratio = (eigvals[:2] / total) if total > 0 else torch.zeros(2, dtype=torch.float64)
+    return (x @ components).numpy(), ratio.numpy()
+
+
+def distance_samples(
+    embeddings: Any,
+    labels: Any,
+    is_query: Any,
+    is_gallery: Any,
+    *,
+    sequence_ids: Any = None,
+    max_queries: int = 2000,
+    max_negatives: int = 200_000,
+    seed: int = 0,
+    chunk_size: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Euclidean query-gallery distances split into positive (same label) and negative pairs.
+
+    Unlike the top-k distances of a RetrievalResults, these cover all pairs: a query is never paired with
+    itself nor with gallery items of its own sequence. At most `max_queries` queries (a seeded sample) and
+    `max_negatives` negative distances (a seeded sample) are kept so that memory stays small.
+    """
+    emb = torch.as_tensor(_as_numpy(embeddings, "embeddings"), dtype=torch.float32)
+    n = emb.shape[0]
+    labels_t = _codes(labels, n, "labels")
+    q_mask = _bool_vector(is_query, n, "is_query")
+    g_mask = _bool_vector(is_gallery, n, "is_gallery")
+    seq = None if sequence_ids is None else _codes(sequence_ids, n, "sequence_ids")
+    rng = np.random.default_rng(seed)
+    queries = np.flatnonzero(q_mask)
+    if len(queries) > max_queries:
+        queries = np.sort(rng.choice(queries, size=max_queries, replace=False))
+    gallery = torch.as_tensor(np.flatnonzero(g_mask))
+    if len(queries) == 0 or len(gallery) == 0:
+        raise ValueError("distance_samples needs at least one query and one gallery item")
+    g_emb, g_lab = emb[gallery], labels_t[gallery]
+    positives, negatives = [], []
+    for start in range(0, len(queries), chunk_size):  # a loop over chunks of queries, bounded memory
+        q = torch.as_tensor(queries[start : start + chunk_size])
+        dist = torch.cdist(emb[q], g_emb)
+        valid = q[:, None] != gallery[None, :]
+        if seq is not None:
+            valid &= seq[q][:, None] != seq[gallery][None, :]
+        same = labels_t[q][:, None] == g_lab[None, :]
+        positives.append(dist[valid & same].numpy())
+        neg = dist[valid & ~same].numpy()
+        quota = math.ceil(max_negatives * len(q) / len(queries))  # bounded memory per chunk
+        if len(neg) > quota:
+            neg = rng.choice(neg, size=quota, replace=False)
+        negatives.append(neg)
+    negative = np.concatenate(negatives).astype(np.float64)
+    if len(negative) > max_negatives:
+        negative = rng.choice(negative, size=max_negatives, replace=False)
+    return np.concatenate(positives).astype(np.float64), negative
+
+
+# ----------------------------------------------------------------------------------------------------
+# Retrieval grids
+
+
+def draw_query(
+    results: Any,
+    query_pos: int,
+    df_or_paths: pd.DataFrame | Sequence[str],
+    *,
+    k: int = 5,
+    labels: Sequence[Any] | Mapping[Any, Any] | None = None,
+    boxes: bool = True,
+    metrics: Mapping[str, float] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """One query beside its top-k gallery images, framed green when relevant and red when not.
+
+    The query is framed blue; label and distance are written under each image. `labels` overrides the
+    displayed labels (one per item, or a mapping from label code to name); `boxes` crops images to the
+    x_1..y_2 columns when the DataFrame has them. `metrics` (name -> value of this query) are written under
+    the query.
+    """
+    per_query = (
+        None if metrics is None else {name: {int(query_pos): value} for name, value in metrics.items()}
+    )
+    fig = _draw_rows(results, [query_pos], df_or_paths, k=k, labels=labels, boxes=boxes, metrics=per_query)
+    n = int(_check_positions(results, [query_pos])[0])
+    fig.suptitle(title if title is not None else f"Query {n} (item {int(results.query_ids[n])}): top {k}")
+    return fig
+
+
+def draw_queries(
+    results: Any,
+    query_positions: Sequence[int] | np.ndarray | torch.Tensor,
+    df_or_paths: pd.DataFrame | Sequence[str],
+    *,
+    k: int = 5,
+    labels: Sequence[Any] | Mapping[Any, Any] | None = None,
+    boxes: bool = True,
+    metrics: Mapping[str, Any] | None = None,
+    title: str | None = None,
+) -> Figure:
+    """A chosen list of queries, one row each (query, then its top-k framed by relevance).
+
+    `metrics` maps a metric name to per-query values (Q,) aligned with the results rows (e.g. the output of
+    `metrics_from_results(..., reduce=False)["overall"]`, flattened); each row shows its query's values.
+    """
+    per_query = None if metrics is None else {n: _per_query(v, results, n) for n, v in metrics.items()}
+    fig = _draw_rows(
+        results, query_positions, df_or_paths, k=k, labels=labels, boxes=boxes, metrics=per_query
+    )
+    fig.suptitle(title if title is not None else f"Chosen queries: top {k}")
+    return fig
+
+
+def draw_worst_queries(
+    results: Any,
+    metric_values: Any,
+    df_or_paths: pd.DataFrame | Sequence[str],
+    *,
+    n: int = 5,
+    k: int = 5,
+    metric_name: str = "metric",
+    higher_is_better: bool = True,
+    labels: Sequence[Any] | Mapping[Any, Any] | None = None,
+    boxes: bool = True,
+) -> Figure:
+    """The `n` worst queries by `metric_values` (one per results row; NaN = skipped query), worst first."""
+    values = _per_query(metric_values, results, metric_name)
+    order = worst_queries(values, n=n, higher_is_better=higher_is_better)
+    if len(order) == 0:
+        raise ValueError(
+            f"no query has a {metric_name} value (all NaN: no query has a relevant gallery item)"
+        )
+    fig = _draw_rows(
+        results, order, df_or_paths, k=k, labels=labels, boxes=boxes, metrics={metric_name: values}
+    )
+    fig.suptitle(f"The {len(order)} worst queries by {metric_name} (worst first): top {k}")
+    return fig
+
+
+def show_grid(
+    df: pd.DataFrame,
+    *,
+    n_labels: int = 8,
+    per_label: int = 6,
+    boxes: bool = True,
+    seed: int = 0,
+    title: str | None = None,
+) -> Figure:
+    """A sample of `per_label` images for each of `n_labels` labels (seeded choice), one row per label."""
+    if "path" not in df.columns or "label" not in df.columns:
+        raise ValueError(f"show_grid needs 'path' and 'label' columns; the DataFrame has {list(df.columns)}")
+    rng = np.random.default_rng(seed)
+    names = np.array(sorted(df["label"].unique(), key=str), dtype=object)
+    if len(names) == 0:
+        raise ValueError("show_grid got an empty DataFrame")
+    chosen = names[np.sort(rng.choice(len(names), size=min(n_labels, len(names)), replace=False))]
+    cols = max(1, min(per_label, int(df["label"].value_counts().max())))
+    fig = Figure(figsize=(1.35 * cols + 1.4, 1.45 * len(chosen) + 0.5), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(chosen), cols, squeeze=False))
+    for row, name in enumerate(chosen):
+        rows = df[df["label"] == name]
+        picks = rows.iloc[np.sort(rng.choice(len(rows), size=min(cols, len(rows)), replace=False))]
+        for col, ax in enumerate(axes[row]):
+            _blank(ax)
+            if col < len(picks):
+                ax.imshow(_image(picks.iloc[col], boxes))
+        axes[row, 0].set_ylabel(shorten(name), fontsize=9, rotation=0, ha="right", va="center")
+    fig.suptitle(title if title is not None else f"{len(chosen)} of {len(names)} labels, {cols} images each")
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------
+# Embeddings, distances, history
+
+
+def plot_embeddings_2d(
+    embeddings: Any,
+    labels: Any,
+    *,
+    title: str | None = None,
+    max_legend: int = 20,
+    point_size: float | None = None,
+) -> Figure:
+    """The embeddings projected on their first two principal components (PCA), coloured by label.
+
+    The legend lists the labels when there are at most `max_legend` of them; with more, colours and markers
+    still separate up to 100 labels.
+    """
+    coords, ratio = pca_2d(embeddings)
+    labels_arr = np.asarray(_as_numpy(labels, "labels"), dtype=object)
+    if len(labels_arr) != len(coords):
+        raise ValueError(f"labels has {len(labels_arr)} values for {len(coords)} embeddings")
+    names = sorted(pd.unique(labels_arr), key=str)
+    palette = colormaps["tab10" if len(names) <= 10 else "tab20"]
+    markers = "os^Dv<>ph*"
+    size = point_size if point_size is not None else float(np.clip(4000 / len(coords), 4, 40))
+    show_legend = len(names) <= max_legend
+    fig = Figure(figsize=(7.8 if show_legend else 6.2, 5.6), layout="constrained")
+    ax = fig.add_subplot()
+    for i, name in enumerate(names):
+        sel = labels_arr == name
+        color = palette(i % palette.N)
+        ax.scatter(
+            coords[sel, 0],
+            coords[sel, 1],
+            s=size,
+            color=color,
+            marker=markers[(i // palette.N) % 10],
+            alpha=0.75,
+            linewidths=0,
+            label=shorten(name),
+        )
+    ax.set_xlabel(f"PC1 ({ratio[0]:.1%} of variance)")
+    ax.set_ylabel(f"PC2 ({ratio[1]:.1%} of variance)")
+    ax.set_title(title if title is not None else f"PCA of {len(coords)} embeddings, {len(names)} labels")
+    ax.grid(alpha=0.3)
+    if show_legend:
+        ax.legend(
+            title="label",
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+            fontsize=8,
+            markerscale=1.5,
+            ncols=1 if len(names) <= 12 else 2,
+            frameon=False,
+        )
+    return fig
+
+
+def plot_distance_histograms(
+    results: Any = None,
+    *,
+    positive: Any = None,
+    negative: Any = None,
+    bins: int = 50,
+    title: str | None = None,
+) -> Figure:
+    """Histograms (densities) of positive vs negative distances, with their medians.
+
+    Pass a RetrievalResults (uses the distances of its top-k lists: relevant vs not) or the two arrays of
+    distances `positive` and `negative` (e.g. from `distance_samples`, which covers all query-gallery pairs).
+    """
+    if results is not None:
+        if positive is not None or negative is not None:
+            raise ValueError("pass either results or positive/negative distances, not both")
+        dist, relevant = results.distances, results.relevant
+        finite = torch.isfinite(dist) & (results.retrieved >= 0)
+        positive, negative = dist[finite & relevant].numpy(), dist[finite & ~relevant].numpy()
+        default_title = f"Distances among the top {dist.shape[1]} of {dist.shape[0]} queries"
+    elif positive is None or negative is None:
+        raise ValueError("plot_distance_histograms needs results, or both positive= and negative= distances")
+    else:
+        default_title = "Query-gallery distances"
+    pos = _as_numpy(positive, "positive").astype(np.float64).ravel()
+    neg = _as_numpy(negative, "negative").astype(np.float64).ravel()
+    pos, neg = pos[np.isfinite(pos)], neg[np.isfinite(neg)]
+    if len(pos) + len(neg) == 0:
+        raise ValueError("no finite distances to plot")
+    both = np.concatenate([pos, neg])
+    lo, hi = float(both.min()), float(both.max())
+    n_bins = int(np.clip(np.sqrt(len(both)), 10, bins))  # few distances: fewer, fuller bins
+    edges = np.linspace(lo, hi if hi > lo else lo + 1.0, n_bins + 1)
+    fig = Figure(figsize=(6.4, 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    for values, color, name in (
+        (pos, POSITIVE_COLOR, "positive (same label)"),
+        (neg, NEGATIVE_COLOR, "negative (other label)"),
+    ):
+        if len(values) == 0:
+            continue
+        ax.hist(values, bins=edges, density=True, color=color, alpha=0.45, label=f"{name}, n={len(values):,}")
+        ax.axvline(float(np.median(values)), color=color, linestyle="--", linewidth=1.5)
+    ax.set_xlabel("Euclidean distance (dashed: median)")
+    ax.set_ylabel("density")
+    ax.set_title(title if title is not None else default_title)
+    ax.legend(loc="upper right", fontsize=9)
+    return fig
+
+
+def plot_history(
+    history: pd.DataFrame, metrics: list[str] | None = None, *, title: str | None = None
+) -> Figure:
+    """Per-epoch curves: the train loss (and `val_loss` if present) beside the validation metrics.
+
+    `history` has an `epoch` column (0 = before training), `loss` (NaN at epoch 0) and flattened metric
+    columns ("cmc@1", "map@5", "<category>/cmc@1", ...). `metrics` picks columns; by default the overall
+    metrics (no category ones).
+    """
+    if not isinstance(history, pd.DataFrame):
+        raise TypeError(
+            f"history must be a pandas DataFrame (see labkit.training.read_history), got {type(history)}"
+        )
+    if "epoch" not in history.columns:
+        raise ValueError(f"history has no 'epoch' column; its columns are {list(history.columns)}")
+    if metrics is None:
+        metrics = [c for c in history.columns if METRIC_COLUMN.match(str(c))]
+    else:
+        missing = [m for m in metrics if m not in history.columns]
+        if missing:
+            raise ValueError(f"history has no column {missing}; its columns are {list(history.columns)}")
+    losses = [c for c in ("loss", "val_loss") if c in history.columns and history[c].notna().any()]
+    metrics = [m for m in metrics if history[m].notna().any()]
+    if not losses and not metrics:
+        raise ValueError("history has no loss values and no metric values to plot")
+    history = history.sort_values("epoch")
+    panels = int(bool(losses)) + int(bool(metrics))
+    fig = Figure(figsize=(5.4 * panels, 3.9), layout="constrained")
+    axes = list(np.atleast_1d(fig.subplots(1, panels, sharex=True)))
+    if losses:
+        ax = axes.pop(0)
+        for col in losses:
+            sel = history[col].notna()
+            ax.plot(history.loc[sel, "epoch"], history.loc[sel, col], marker="o", label=col)
+        ax.set(xlabel="epoch", ylabel="loss", title="Training loss per epoch")
+        _epoch_axis(ax)
+        if len(losses) > 1:
+            ax.legend(fontsize=9)
+    if metrics:
+        ax = axes.pop(0)
+        for col in metrics:
+            sel = history[col].notna()
+            ax.plot(history.loc[sel, "epoch"], history.loc[sel, col], marker="o", label=col)
+        values = history[metrics].to_numpy(dtype=float)
+        if np.nanmin(values) >= 0 and np.nanmax(values) <= 1:
+            ax.set_ylim(-0.02, 1.02)
+        ax.set(xlabel="epoch (0 = before training)", ylabel="value", title="Validation metrics per epoch")
+        _epoch_axis(ax)
+        ax.legend(
+            fontsize=8,
+            ncols=1 if len(metrics) <= 6 else 2,
+            loc="upper left" if len(metrics) <= 6 else "center left",
+            bbox_to_anchor=None if len(metrics) <= 6 else (1.01, 0.5),
+        )
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------
+# Internals
+
+
+def items_frame(df_or_paths: pd.DataFrame | Sequence[str], n_items: int) -> pd.DataFrame:
+    """The items a RetrievalResults indexes as a DataFrame (one row per item, index 0..n_items-1)."""
+    if isinstance(df_or_paths, pd.DataFrame):
+        df = df_or_paths
+        if "path" not in df.columns:
+            raise ValueError(f"the DataFrame has no 'path' column; its columns are {list(df.columns)}")
+        if len(df) != n_items and "split" in df.columns:
+            df = df[df["split"] == "validation"]
+        if len(df) != n_items:
+            raise ValueError(
+                f"the results index {n_items} items but the DataFrame has {len(df_or_paths)} rows "
+                f"({len(df)} validation rows); pass the items in embedding order, "
+                "e.g. labkit.data.validation_dataset(df).df"
+            )
+        return df.reset_index(drop=True)
+    paths = [os.fspath(p) for p in df_or_paths]
+    if len(paths) != n_items:
+        raise ValueError(f"the results index {n_items} items but {len(paths)} paths were given")
+    return pd.DataFrame({"path": paths})
+
+
+def display_labels(
+    items: pd.DataFrame, results: Any, labels: Sequence[Any] | Mapping[Any, Any] | None = None
+) -> list[str]:
+    """One display label per item: `labels` (per item, or code -> name), else the 'label' column or codes."""
+    codes = results.labels.tolist()
+    if labels is None:
+        return [str(v) for v in (items["label"].tolist() if "label" in items.columns else codes)]
+    if isinstance(labels, Mapping):
+        return [str(labels.get(c, c)) for c in codes]
+    labels = list(labels)
+    if len(labels) != len(codes):
+        raise ValueError(f"labels has {len(labels)} values for {len(codes)} items")
+    return [str(v) for v in labels]
+
+
+def _draw_rows(
+    results: Any,
+    query_positions: Any,
+    df_or_paths: pd.DataFrame | Sequence[str],
+    *,
+    k: int,
+    labels: Any,
+    boxes: bool,
+    metrics: Mapping[str, Any] | None,
+) -> Figure:
+    positions = _check_positions(results, query_positions)
+    if not isinstance(k, (int, np.integer)) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = int(k)
+    items = items_frame(df_or_paths, int(results.labels.numel()))
+    names = display_labels(items, results, labels)
+    metric_lines = len(metrics) if metrics else 0
+    row_height = 2.2 + 0.17 * metric_lines
+    fig = Figure(figsize=(1.5 * (k + 1) + 0.5, row_height * len(positions) + 0.45), layout="constrained")
+    fig.get_layout_engine().set(w_pad=0.05, h_pad=0.05, wspace=0.02, hspace=0.02)
+    grid = fig.add_gridspec(len(positions), k + 2, width_ratios=[1.0, 0.12] + [1.0] * k)
+    retrieved, distances, relevant = results.retrieved, results.distances, results.relevant
+    for row, pos in enumerate(positions.tolist()):
+        query_item = int(results.query_ids[pos])
+        ax = fig.add_subplot(grid[row, 0])
+        ax.imshow(_image(items.iloc[query_item], boxes))
+        _frame(ax, QUERY_COLOR)
+        ax.set_title(f"query {pos}", fontsize=9, color=QUERY_COLOR, fontweight="bold")
+        lines = [shorten(names[query_item])]
+        for name, values in (metrics or {}).items():
+            value = values.get(pos, math.nan) if isinstance(values, Mapping) else float(values[pos])
+            lines.append(shorten(f"{name} {value:.2f}"))
+        ax.set_xlabel("\n".join(lines), fontsize=8)
+        ax.set_gid(f"query:{pos}")
+        fig.add_subplot(grid[row, 1]).set_axis_off()
+        for col in range(k):
+            ax = fig.add_subplot(grid[row, col + 2])
+            item = int(retrieved[pos, col]) if col < retrieved.shape[1] else -1
+            if item < 0:
+                ax.set_axis_off()  # fewer gallery items than k: leave the cell empty
+                continue
+            is_rel = bool(relevant[pos, col])
+            ax.imshow(_image(items.iloc[item], boxes))
+            color = RELEVANT_COLOR if is_rel else IRRELEVANT_COLOR
+            _frame(ax, color)
+            ax.set_title(f"#{col + 1} {CHECK if is_rel else CROSS}", fontsize=9, color=color)
+            ax.set_xlabel(f"{shorten(names[item])}\nd={float(distances[pos, col]):.3f}", fontsize=8)
+            ax.set_gid(f"{'relevant' if is_rel else 'irrelevant'}:{pos}:{col}")
+    return fig
+
+
+def _check_positions(results: Any, query_positions: Any) -> np.ndarray:
+    positions = np.asarray(_as_numpy(query_positions, "query_positions")).reshape(-1)
+    n_queries = int(results.query_ids.numel())
+    if len(positions) == 0:
+        raise ValueError("no query positions given")
+    if not np.issubdtype(positions.dtype, np.integer):
+        raise ValueError(f"query positions must be integers (rows of the results), got {positions.dtype}")
+    bad = positions[(positions < 0) | (positions >= n_queries)]
+    if len(bad):
+        raise ValueError(
+            f"query position {int(bad[0])} is out of range: the results have {n_queries} queries"
+        )
+    return positions.astype(np.int64)
+
+
+def _per_query(values: Any, results: Any, name: str) -> np.ndarray:
+    arr = _as_numpy(values, name).astype(np.float64).reshape(-1)
+    n_queries = int(results.query_ids.numel())
+    if len(arr) != n_queries:
+        raise ValueError(f"{name} has {len(arr)} values but the results have {n_queries} queries")
+    return arr
+
+
+def _image(row: pd.Series, boxes: bool) -> np.ndarray:
+    box = None
+    if boxes and all(c in row.index for c in _BOX):
+        values = [row[c] for c in _BOX]
+        if all(v is not None and not pd.isna(v) for v in values):
+            box = tuple(int(round(float(v))) for v in values)
+    path = os.fspath(row["path"])
+    try:
+        mtime = os.stat(path).st_mtime_ns
+    except OSError:
+        mtime = None  # load_image raises the clear error
+    return _load(path, box, mtime)
+
+
+@lru_cache(maxsize=2048)
+def _load(path: str, box: tuple[int, int, int, int] | None, mtime: int | None) -> np.ndarray:
+    from labkit.data import load_image
+
+    image = np.asarray(load_image(path, box=box))
+    image.setflags(write=False)
+    return image
+
+
+def _frame(ax: Axes, color: str) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_edgecolor(color)
+        spine.set_linewidth(FRAME_WIDTH)
+
+
+def _blank(ax: Axes) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def _epoch_axis(ax: Axes) -> None:
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
+def _as_numpy(values: Any, name: str) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().numpy()
+    if isinstance(values, (pd.Series, pd.Index)):
+        return values.to_numpy()
+    try:
+        return np.asarray(values)
+    except Exception as error:  # pragma: no cover - exotic inputs
+        raise TypeError(f"{name} must be array-like, got {type(values).__name__}") from error
+
+
+def _codes(values: Any, n: int, name: str) -> torch.Tensor:
+    arr = _as_numpy(values, name).reshape(-1)
+    if len(arr) != n:
+        raise ValueError(f"{name} has {len(arr)} values for {n} embeddings")
+    if not np.issubdtype(arr.dtype, np.integer):
+        arr = pd.factorize(arr)[0]
+    return torch.as_tensor(arr.astype(np.int64))
+
+
+def _bool_vector(values: Any, n: int, name: str) -> np.ndarray:
+    arr = _as_numpy(values, name).reshape(-1).astype(bool)
+    if len(arr) != n:
+        raise ValueError(f"{name} has {len(arr)} values for {n} embeddings")
+    return arr
