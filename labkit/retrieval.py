@@ -1,0 +1,569 @@
+"""Exact Euclidean top-k retrieval with OML-4 exclusion rules, in bounded memory.
+
+`retrieve` finds, for every query item, the `k` closest gallery items, never the query itself and never a
+gallery item of the query's own sequence. It scans the gallery in chunks of queries: one matrix product per
+chunk (`||g||^2 / 2 - q.g`, ranking-equivalent to the squared distance), exclusions masked with +inf, top-k;
+only the k winners get their exact distance `||q - g||` (computed directly, not by the expansion, so the
+returned distances carry no cancellation error). Peak memory is the embeddings (plus one gallery copy)
++ O(queries x k) + one chunk, the chunk sized from `chunk_bytes`.
+
+`knn` is the same search without labels and exclusions (for stores and query expansion).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "RetrievalResults",
+    "as_codes",
+    "faiss_available",
+    "knn",
+    "retrieve",
+]
+
+ArrayLike = np.ndarray | torch.Tensor | Sequence[Any]
+
+#: Memory budget of one distance chunk (bytes). 64 MiB keeps the working set small and the matrix products
+#: large enough to run at full BLAS speed.
+DEFAULT_CHUNK_BYTES = 64 * 2**20
+
+_BACKENDS = ("auto", "torch", "faiss")
+
+
+# ----------------------------------------------------------------------------------------------- results
+@dataclass
+class RetrievalResults:
+    """Top-k retrieval for every query; padding is ``retrieved == -1`` with ``distances == inf``.
+
+    Ids are item ids: row positions in the embeddings / dataset the retrieval ran on.
+    """
+
+    distances: torch.Tensor  # (Q, K) float32, ascending per row, +inf on padding
+    retrieved: torch.Tensor  # (Q, K) int64 item ids, -1 on padding
+    query_ids: torch.Tensor  # (Q,) int64 item ids of the queries
+    relevant: torch.Tensor  # (Q, K) bool, same label (False on padding)
+    n_relevant: torch.Tensor  # (Q,) int64 relevant gallery items available to the query
+    labels: torch.Tensor  # (N,) int64 labels of all items
+
+    def __len__(self) -> int:
+        return int(self.query_ids.shape[0])
+
+    @property
+    def k(self) -> int:
+        """Number of columns (retrieved slots per query, padding included)."""
+        return int(self.retrieved.shape[1])
+
+    @property
+    def n_retrieved(self) -> torch.Tensor:
+        """(Q,) number of real (non-padding) retrieved items per query."""
+        return (self.retrieved >= 0).sum(dim=1)
+
+    def to(self, device: torch.device | str) -> RetrievalResults:
+        """A copy with every tensor on `device`."""
+        return RetrievalResults(**{f.name: getattr(self, f.name).to(device) for f in fields(self)})
+
+    def reordered(self, retrieved: ArrayLike, distances: ArrayLike) -> RetrievalResults:
+        """Same queries with a new (e.g. re-ranked) order; `relevant` is recomputed from `labels`.
+
+        `retrieved` (Q, K') holds item ids (-1 = padding), `distances` (Q, K') must ascend along each row
+        (padding last, +inf). K' may differ from the original K. `n_relevant` is kept: it counts what was
+        available in the gallery, not what was retrieved.
+        """
+        retrieved_t = torch.as_tensor(np.asarray(retrieved) if not torch.is_tensor(retrieved) else retrieved)
+        distances_t = torch.as_tensor(np.asarray(distances) if not torch.is_tensor(distances) else distances)
+        retrieved_t = retrieved_t.to(device=self.labels.device, dtype=torch.int64)
+        distances_t = distances_t.to(device=self.labels.device, dtype=torch.float32)
+        if retrieved_t.ndim != 2 or retrieved_t.shape != distances_t.shape or len(retrieved_t) != len(self):
+            raise ValueError(
+                f"reordered: retrieved {tuple(retrieved_t.shape)} and distances "
+                f"{tuple(distances_t.shape)} must both be (n_queries={len(self)}, K)."
+            )
+        n_items = len(self.labels)
+        if retrieved_t.numel() and (int(retrieved_t.min()) < -1 or int(retrieved_t.max()) >= n_items):
+            raise ValueError(f"reordered: retrieved ids must lie in [0, {n_items}) or be -1 for padding.")
+        pad = retrieved_t < 0
+        distances_t = distances_t.masked_fill(pad, float("inf"))
+        if distances_t.shape[1] > 1 and bool((distances_t[:, 1:] < distances_t[:, :-1]).any()):
+            raise ValueError(
+                "reordered: distances must ascend along each row (padding last); pass the re-ranker's "
+                "scores as distances (smaller = better) in the new order."
+            )
+        return RetrievalResults(
+            distances=distances_t,
+            retrieved=retrieved_t,
+            query_ids=self.query_ids,
+            relevant=_relevance(retrieved_t, self.query_ids, self.labels),
+            n_relevant=self.n_relevant,
+            labels=self.labels,
+        )
+
+
+def _relevance(retrieved: torch.Tensor, query_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    pad = retrieved < 0
+    same = labels[retrieved.clamp(min=0)] == labels[query_ids].unsqueeze(1)
+    return same & ~pad
+
+
+# ------------------------------------------------------------------------------------------ input checks
+def _to_numpy(x: ArrayLike, name: str) -> np.ndarray:
+    if torch.is_tensor(x):
+        return x.detach().cpu().numpy()
+    try:
+        return np.asarray(x)
+    except Exception as e:  # pragma: no cover - exotic inputs
+        raise TypeError(
+            f"{name}: expected a numpy array, torch tensor or sequence, got {type(x).__name__}"
+        ) from e
+
+
+def as_codes(values: ArrayLike, name: str, n: int, *, missing_unique: bool = False) -> torch.Tensor:
+    """Integer codes (int64 tensor, CPU) for arbitrary per-item values (ints, strings, ...).
+
+    Integer inputs are kept as they are; other values are factorised (equal values -> equal codes).
+    With `missing_unique`, None/NaN/"" mean "no value" and get code -1.
+    """
+    arr = _to_numpy(values, name)
+    if arr.ndim != 1 or len(arr) != n:
+        raise ValueError(f"{name}: expected one value per item (shape ({n},)), got shape {arr.shape}.")
+    if arr.dtype.kind in "iub" and not missing_unique:
+        return torch.from_numpy(arr.astype(np.int64, copy=False))
+    missing = np.zeros(n, dtype=bool)
+    if missing_unique:
+        if arr.dtype.kind == "f":
+            missing = np.isnan(arr)
+        elif arr.dtype.kind == "O":
+            missing = np.array([v is None or v == "" or (isinstance(v, float) and v != v) for v in arr], bool)
+        elif arr.dtype.kind in "US":
+            missing = arr == arr.dtype.type("")
+    codes = np.full(n, -1, dtype=np.int64)
+    if (~missing).any():
+        kept = arr[~missing]
+        try:
+            _, inverse = np.unique(kept, return_inverse=True)
+        except TypeError:  # mixed types: compare as strings
+            _, inverse = np.unique(kept.astype(str), return_inverse=True)
+        codes[~missing] = inverse.reshape(-1)
+    return torch.from_numpy(codes)
+
+
+def _as_mask(x: ArrayLike, name: str, n: int) -> torch.Tensor:
+    arr = _to_numpy(x, name)
+    if arr.ndim != 1 or len(arr) != n:
+        raise ValueError(f"{name}: expected one flag per item (shape ({n},)), got shape {arr.shape}.")
+    if arr.dtype.kind == "b":
+        return torch.from_numpy(arr.copy())
+    if arr.dtype.kind in "iuf" and np.isin(arr, (0, 1)).all():
+        return torch.from_numpy(arr.astype(bool))
+    raise ValueError(f"{name}: expected booleans (or 0/1), got values like {arr[:5].tolist()}.")
+
+
+def _as_embeddings(x: ArrayLike, name: str = "embeddings") -> torch.Tensor:
+    t = x.detach() if torch.is_tensor(x) else torch.from_numpy(np.ascontiguousarray(_to_numpy(x, name)))
+    if t.ndim != 2:
+        raise ValueError(f"{name}: expected a 2-d array (n_items, dim), got shape {tuple(t.shape)}.")
+    if not t.is_floating_point():
+        t = t.float()
+    t = t.to(torch.float32).contiguous()
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name}: contains NaN or infinite values; check the model outputs.")
+    return t
+
+
+def _check_k(k: int) -> int:
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}.")
+    return int(k)
+
+
+def faiss_available() -> bool:
+    """Whether the optional faiss (faiss-cpu) backend can be imported."""
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------- exclusions
+class _Exclusions:
+    """Which (query, gallery-position) pairs must never be retrieved: the item itself and its sequence."""
+
+    def __init__(
+        self,
+        query_items: torch.Tensor,
+        gallery_items: torch.Tensor,
+        n_items: int,
+        sequences: torch.Tensor | None,
+    ) -> None:
+        pos = torch.full((n_items,), -1, dtype=torch.int64)
+        pos[gallery_items] = torch.arange(len(gallery_items))
+        self.self_pos = pos[
+            query_items
+        ]  # (Q,) gallery position of the query itself, -1 if not in the gallery
+        self.query_seq = None
+        self.max_per_query = int((self.self_pos >= 0).any())
+        if sequences is not None:
+            seq_g = sequences[gallery_items]
+            order = torch.argsort(seq_g, stable=True)
+            self.g_order = order
+            self.seq_sorted = seq_g[order].contiguous()
+            qs = sequences[query_items]
+            self.query_seq = qs
+            start = torch.searchsorted(self.seq_sorted, qs, right=False)
+            end = torch.searchsorted(self.seq_sorted, qs, right=True)
+            counts = torch.where(qs >= 0, end - start, torch.zeros_like(start))
+            self.seq_start, self.seq_count = start, counts
+            if len(counts):
+                self.max_per_query = max(self.max_per_query, int(counts.max()) + 1)
+
+    def pairs(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row-in-chunk, gallery-position) pairs to exclude for the queries `rows`."""
+        sp = self.self_pos[rows]
+        r_self = torch.nonzero(sp >= 0).view(-1)
+        c_self = sp[r_self]
+        if self.query_seq is None:
+            return r_self, c_self
+        counts = self.seq_count[rows]
+        total = int(counts.sum())
+        if total == 0:
+            return r_self, c_self
+        r_seq = torch.repeat_interleave(torch.arange(len(counts)), counts)
+        offsets = torch.cumsum(counts, 0) - counts
+        within = torch.arange(total) - offsets[r_seq]
+        c_seq = self.g_order[self.seq_start[rows][r_seq] + within]
+        return torch.cat([r_self, r_seq]), torch.cat([c_self, c_seq])
+
+
+# ------------------------------------------------------------------------------------------------ engines
+def _rows_per_chunk(n_gallery: int, n_queries: int, chunk_size: int | None, chunk_bytes: int) -> int:
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of query rows, got {chunk_size}.")
+        return min(int(chunk_size), max(n_queries, 1))
+    rows = max(1, chunk_bytes // (4 * max(n_gallery, 1)))
+    return min(rows, max(n_queries, 1))
+
+
+def _exact_topk_distances(
+    queries: torch.Tensor, gallery: torch.Tensor, cand: torch.Tensor, block_bytes: int = 32 * 2**20
+) -> torch.Tensor:
+    """||q - g|| for candidate gallery positions `cand` (c, k) (-1 = padding -> inf), computed directly."""
+    c, k = cand.shape
+    out = torch.full((c, k), float("inf"), dtype=torch.float32, device=queries.device)
+    if c == 0 or k == 0:
+        return out
+    step = max(1, block_bytes // (4 * k * max(queries.shape[1], 1)))
+    for a in range(0, c, step):
+        cb = cand[a : a + step]
+        diff = gallery[cb.clamp(min=0)] - queries[a : a + step].unsqueeze(1)
+        d = torch.linalg.vector_norm(diff, dim=2)
+        out[a : a + step] = d.masked_fill(cb < 0, float("inf"))
+    return out
+
+
+def _sort_rows(dist: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort each row by (distance, gallery position); padding (-1, inf) last."""
+    if dist.shape[1] <= 1:
+        return dist, cand
+    key = torch.where(cand < 0, torch.iinfo(torch.int64).max, cand)
+    o1 = torch.argsort(key, dim=1, stable=True)
+    d1, c1 = dist.gather(1, o1), cand.gather(1, o1)
+    o2 = torch.argsort(d1, dim=1, stable=True)
+    return d1.gather(1, o2), c1.gather(1, o2)
+
+
+def _topk_torch(
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    k: int,
+    excl: _Exclusions | None,
+    rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, k) exact distances and gallery positions (-1 padding), queries scanned in chunks of `rows`."""
+    nq, ng = len(queries), len(gallery)
+    device = queries.device
+    kk = min(k, ng)
+    out_d = torch.full((nq, k), float("inf"), dtype=torch.float32, device=device)
+    out_i = torch.full((nq, k), -1, dtype=torch.int64, device=device)
+    if nq == 0 or ng == 0:
+        return out_d, out_i
+    # one product per chunk gives  q.g - ||g||^2/2  (larger = closer): augment both sides by one column
+    ones = torch.ones(1, dtype=torch.float32, device=device)
+    g_aug = torch.cat([gallery, -0.5 * (gallery * gallery).sum(1, keepdim=True)], dim=1)
+    buf = torch.empty(min(rows, nq) * ng, dtype=torch.float32, device=device)
+    for a in range(0, nq, rows):
+        q = queries[a : a + rows]
+        c = len(q)
+        q_aug = torch.cat([q, ones.expand(c, 1)], dim=1)
+        scores = buf[: c * ng].view(c, ng)
+        torch.mm(q_aug, g_aug.T, out=scores)
+        if excl is not None:
+            r, col = excl.pairs(slice(a, a + c))
+            if len(r):
+                scores[r.to(device), col.to(device)] = float("-inf")
+        top_s, top_i = torch.topk(scores, kk, dim=1, largest=True, sorted=False)
+        top_i = top_i.masked_fill(top_s == float("-inf"), -1)
+        dist = _exact_topk_distances(q, gallery, top_i)
+        dist, top_i = _sort_rows(dist, top_i)
+        out_d[a : a + c, :kk] = dist
+        out_i[a : a + c, :kk] = top_i
+    return out_d, out_i
+
+
+def _topk_faiss(
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    k: int,
+    excl: _Exclusions | None,
+    rows: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `_topk_torch`, searching a faiss IndexFlatL2 for k + max exclusions and filtering."""
+    import faiss
+
+    nq, ng = len(queries), len(gallery)
+    kk = min(k, ng)
+    out_d = torch.full((nq, k), float("inf"), dtype=torch.float32)
+    out_i = torch.full((nq, k), -1, dtype=torch.int64)
+    if nq == 0 or ng == 0:
+        return out_d, out_i
+    extra = excl.max_per_query if excl is not None else 0
+    k_search = min(kk + extra, ng)
+    index = faiss.IndexFlatL2(gallery.shape[1])
+    index.add(gallery.numpy())
+    q_np = queries.numpy()
+    rows = max(1, min(rows, (64 * 2**20) // (12 * k_search)))
+    for a in range(0, nq, rows):
+        c = min(rows, nq - a)
+        _, found = index.search(q_np[a : a + c], k_search)
+        cand = torch.from_numpy(found)
+        if excl is not None:
+            r, col = excl.pairs(slice(a, a + c))
+            if len(r):
+                banned = torch.zeros(c, ng, dtype=torch.bool) if c * ng <= 2**26 else None
+                if banned is not None:
+                    banned[r, col] = True
+                    hit = banned.gather(1, cand.clamp(min=0)) & (cand >= 0)
+                else:  # huge gallery: test candidates against the sorted pair keys
+                    keys = torch.sort(r * ng + col).values
+                    probe = torch.arange(c).unsqueeze(1) * ng + cand.clamp(min=0)
+                    pos = torch.searchsorted(keys, probe).clamp(max=len(keys) - 1)
+                    hit = (keys[pos] == probe) & (cand >= 0)
+                cand = cand.masked_fill(hit, -1)
+        # keep the first kk valid candidates of every row, in faiss order
+        valid = cand >= 0
+        order = torch.argsort((~valid).to(torch.int8), dim=1, stable=True)[:, :kk]
+        cand = cand.gather(1, order)
+        dist = _exact_topk_distances(queries[a : a + c], gallery, cand)
+        dist, cand = _sort_rows(dist, cand)
+        out_d[a : a + c, :kk] = dist
+        out_i[a : a + c, :kk] = cand
+    return out_d, out_i
+
+
+def _pick_backend(backend: str, device: torch.device, n_queries: int, n_gallery: int, k_search: int) -> str:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}.")
+    if backend == "faiss":
+        if not faiss_available():
+            raise ImportError("backend='faiss' needs faiss: `pip install faiss-cpu` (or labkit[faiss]).")
+        if device.type != "cpu":
+            raise ValueError(
+                "backend='faiss' runs on CPU embeddings only; move them with .cpu() or use 'torch'."
+            )
+        return "faiss"
+    if backend == "torch" or device.type != "cpu" or not faiss_available():
+        return "torch"
+    # faiss's fused BLAS + heap search wins on large CPU galleries when few candidates must be over-fetched
+    big = n_queries * n_gallery >= 2**28
+    return "faiss" if big and k_search <= 256 else "torch"
+
+
+def _search(
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    k: int,
+    excl: _Exclusions | None,
+    chunk_size: int | None,
+    backend: str,
+    chunk_bytes: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = _rows_per_chunk(len(gallery), len(queries), chunk_size, chunk_bytes)
+    extra = excl.max_per_query if excl is not None else 0
+    chosen = _pick_backend(backend, queries.device, len(queries), len(gallery), k + extra)
+    if chosen == "faiss":
+        return _topk_faiss(queries.cpu(), gallery.cpu(), k, excl, rows)
+    return _topk_torch(queries, gallery, k, excl, rows)
+
+
+# --------------------------------------------------------------------------------------------------- public
+def knn(
+    queries: ArrayLike,
+    gallery: ArrayLike,
+    k: int,
+    *,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact Euclidean k nearest neighbours of every query row among the gallery rows.
+
+    Returns ``(distances, indices)``, both (Q, k): distances ascending (float32, exact ``||q - g||``),
+    indices into `gallery`. When k exceeds the gallery the extra columns are padding (index -1, inf).
+    `chunk_size` = query rows per chunk (default: from `chunk_bytes`); `backend` "auto" | "torch" | "faiss".
+    """
+    k = _check_k(k)
+    q = _as_embeddings(queries, "queries")
+    g = _as_embeddings(gallery, "gallery").to(q.device)
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(f"queries have dimension {q.shape[1]} but gallery has {g.shape[1]}.")
+    return _search(q, g, k, None, chunk_size, backend, chunk_bytes)
+
+
+@dataclass
+class _Prepared:
+    embeddings: torch.Tensor
+    labels: torch.Tensor
+    query_ids: torch.Tensor
+    gallery_ids: torch.Tensor
+    sequences: torch.Tensor | None
+    excl: _Exclusions
+
+
+def _prepare(
+    embeddings: ArrayLike,
+    labels: ArrayLike,
+    is_query: ArrayLike,
+    is_gallery: ArrayLike,
+    sequence_ids: ArrayLike | None,
+) -> _Prepared:
+    x = _as_embeddings(embeddings)
+    n = len(x)
+    lab = as_codes(labels, "labels", n)
+    qm = _as_mask(is_query, "is_query", n)
+    gm = _as_mask(is_gallery, "is_gallery", n)
+    seq = None if sequence_ids is None else as_codes(sequence_ids, "sequence_ids", n, missing_unique=True)
+    q_ids = torch.nonzero(qm).view(-1)
+    g_ids = torch.nonzero(gm).view(-1)
+    excl = _Exclusions(q_ids, g_ids, n, seq)
+    return _Prepared(x, lab, q_ids, g_ids, seq, excl)
+
+
+def _gallery_view(x: torch.Tensor, g_ids: torch.Tensor) -> torch.Tensor:
+    if len(g_ids) == len(x):  # every item is in the gallery: no copy
+        return x
+    return x[g_ids.to(x.device)]
+
+
+def _count_relevant(p: _Prepared) -> torch.Tensor:
+    """Relevant gallery items per query after self/sequence exclusion (no distance needed)."""
+    lab = p.labels
+    uniq, lab_c = torch.unique(lab, return_inverse=True)
+    per_label = torch.bincount(lab_c[p.gallery_ids], minlength=len(uniq))
+    n_rel = per_label[lab_c[p.query_ids]]
+    self_in_g = p.excl.self_pos >= 0
+    if p.sequences is None:
+        return n_rel - self_in_g.to(torch.int64)
+    seq = p.sequences
+    has_seq = seq[p.query_ids] >= 0
+    # same label and same sequence in the gallery (includes the query itself when it is in the gallery)
+    pair = lab_c * (int(seq.max()) + 2 if len(seq) else 1) + (seq + 1)
+    upair, pair_c = torch.unique(pair, return_inverse=True)
+    per_pair = torch.bincount(pair_c[p.gallery_ids], minlength=len(upair))
+    same_seq = per_pair[pair_c[p.query_ids]]
+    return torch.where(has_seq, n_rel - same_seq, n_rel - self_in_g.to(torch.int64))
+
+
+def retrieve(
+    embeddings: ArrayLike,
+    labels: ArrayLike,
+    is_query: ArrayLike,
+    is_gallery: ArrayLike,
+    *,
+    k: int = 10,
+    sequence_ids: ArrayLike | None = None,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> RetrievalResults:
+    """Top-k gallery items for every query (OML 4 rules), as a `RetrievalResults`.
+
+    - Euclidean distance; an item that is both query and gallery is never retrieved for itself;
+      gallery items sharing the query's `sequence_ids` value are excluded (None/NaN/"" = no sequence).
+    - Queries are the items with `is_query`, in item order; `k` larger than the available gallery pads
+      the row with (-1, inf).
+    - Inputs: numpy arrays or torch tensors (one row per item); labels and sequence ids of any type.
+    - `chunk_size` query rows per matrix product (default: sized from `chunk_bytes`), `backend`
+      "auto" (faiss for large CPU galleries when installed) | "torch" | "faiss". Results on the embeddings'
+      device (torch) or CPU (faiss).
+    """
+    k = _check_k(k)
+    p = _prepare(embeddings, labels, is_query, is_gallery, sequence_ids)
+    x = p.embeddings
+    queries = x[p.query_ids.to(x.device)]
+    gallery = _gallery_view(x, p.gallery_ids)
+    dist, pos = _search(queries, gallery, k, p.excl, chunk_size, backend, chunk_bytes)
+    g_ids = p.gallery_ids.to(pos.device)
+    retrieved = torch.where(pos >= 0, g_ids[pos.clamp(min=0)], pos)
+    device = retrieved.device
+    labels_t = p.labels.to(device)
+    query_ids = p.query_ids.to(device)
+    return RetrievalResults(
+        distances=dist,
+        retrieved=retrieved,
+        query_ids=query_ids,
+        relevant=_relevance(retrieved, query_ids, labels_t),
+        n_relevant=_count_relevant(p).to(device),
+        labels=labels_t,
+    )
+
+
+def iter_pair_distances(
+    embeddings: ArrayLike,
+    labels: ArrayLike,
+    is_query: ArrayLike,
+    is_gallery: ArrayLike,
+    *,
+    sequence_ids: ArrayLike | None = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(distances, relevant)`` chunks covering every non-excluded query-gallery pair.
+
+    `distances` (c, G) float32 via the expansion ``sqrt(max(||q||^2 + ||g||^2 - 2 q.g, 0))`` with excluded
+    pairs set to NaN; `relevant` (c, G) bool (same label). Used for distance statistics (fnmr@fmr,
+    histograms) without ever holding the full Q x G matrix.
+    """
+    p = _prepare(embeddings, labels, is_query, is_gallery, sequence_ids)
+    yield from _pair_chunks(p, chunk_bytes)
+
+
+def _pair_chunks(p: _Prepared, chunk_bytes: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    x = p.embeddings
+    dev = x.device
+    queries = x[p.query_ids.to(dev)]
+    gallery = _gallery_view(x, p.gallery_ids)
+    nq, ng = len(queries), len(gallery)
+    if nq == 0 or ng == 0:
+        return
+    # the distance chunk, its relevance mask and temporaries share the budget
+    rows = _rows_per_chunk(ng, nq, None, max(chunk_bytes // 3, 4 * ng))
+    g_sq = (gallery * gallery).sum(1)
+    q_sq_all = (queries * queries).sum(1)
+    lab_q = p.labels[p.query_ids].to(dev)
+    lab_g = p.labels[p.gallery_ids].to(dev)
+    for a in range(0, nq, rows):
+        q = queries[a : a + rows]
+        c = len(q)
+        d = torch.addmm(g_sq.unsqueeze(0), q, gallery.T, beta=1.0, alpha=-2.0)
+        d.add_(q_sq_all[a : a + c].unsqueeze(1)).clamp_(min=0).sqrt_()
+        r, col = p.excl.pairs(slice(a, a + c))
+        if len(r):
+            d[r.to(dev), col.to(dev)] = float("nan")
+        rel = lab_q[a : a + c].unsqueeze(1) == lab_g.unsqueeze(0)
+        yield d, rel
