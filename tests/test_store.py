@@ -1,0 +1,458 @@
+"""labkit.store: round trip, safety (dimension, non-finite, interrupted insert, foreign file), search."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sqlite3
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from labkit import store as store_module
+from labkit.store import APPLICATION_ID, EmbeddingStore, NotAStoreError, StoreError
+
+DIM = 8
+
+
+def _items(n: int, prefix: str = "img", seed: int = 0) -> tuple[np.ndarray, pd.DataFrame]:
+    rng = np.random.default_rng(seed)
+    vectors = rng.standard_normal((n, DIM)).astype(np.float32)
+    items = pd.DataFrame(
+        {
+            "path": [f"/data/{prefix}_{i:04d}.png" for i in range(n)],
+            "label": [int(i % 5) for i in range(n)],
+            "split": ["validation" if i % 3 else "train" for i in range(n)],
+            "category": ["odd" if i % 2 else "even" for i in range(n)],
+        }
+    )
+    return vectors, items
+
+
+def _snapshot(path) -> tuple:
+    """Everything a reader can see: every model, and every item with its vector, in a fresh connection."""
+    with EmbeddingStore(path, create=False) as s:
+        models = [(m.id, m.backbone, m.fingerprint, m.dim) for m in s.models()]
+        items = []
+        for m in s.models():
+            vectors, meta = s.load(m.id)
+            items.append((vectors.tobytes(), meta.to_json()))
+        return models, items, s.summary().to_json()
+
+
+@pytest.fixture
+def store(tmp_path):
+    with EmbeddingStore(tmp_path / "store.sqlite") as s:
+        yield s
+
+
+# --- round trip / schema
+def test_round_trip_is_bit_identical_with_metadata(tmp_path):
+    vectors = np.array(
+        [[0.1, -0.0, 1e-45, 3.4e38, -2.5, 7.0, 1 / 3, np.pi]] + [np.arange(DIM) * 0.37 - 1.1] * 2,
+        dtype=np.float32,
+    )
+    vectors[2, 0] = np.nextafter(np.float32(1), np.float32(2))
+    items = pd.DataFrame(
+        {
+            "path": ["/a/x.png", "/a/y.png", "/b/z.png"],
+            "label": [3, "cat", 7],
+            "split": ["validation", "validation", "train"],
+            "category": ["fruit", "", "shape"],
+            "is_query": [True, False, True],
+            "x_1": [1.5, 2.25, 0.0],
+            "sequence": ["s1", "s1", "s2"],
+        }
+    )
+    path = tmp_path / "store.sqlite"
+    with EmbeddingStore(path) as s:
+        model_id = s.register_model("resnet18", "f" * 64, DIM, image_size=32)
+        assert s.add(model_id, vectors, items) == {"inserted": 3, "updated": 0}
+    with EmbeddingStore(path, create=False) as s:  # a new connection, after close
+        loaded, meta = s.load(model_id)
+        assert loaded.dtype == np.float32 and loaded.shape == (3, DIM)
+        assert loaded.tobytes() == vectors.tobytes()
+        assert np.signbit(loaded[0, 1])  # -0.0 kept
+        assert list(meta.columns) == list(items.columns)
+        for column in items.columns:
+            assert meta[column].tolist() == items[column].tolist(), column
+        assert [type(v) for v in meta["label"]] == [int, str, int]
+        (info,) = s.models()
+        assert (info.id, info.backbone, info.fingerprint, info.dim, info.extra) == (
+            model_id,
+            "resnet18",
+            "f" * 64,
+            DIM,
+            {"image_size": 32},
+        )
+        assert s.meta["magic"] == store_module.MAGIC and s.meta["schema_version"] == str(
+            store_module.SCHEMA_VERSION
+        )
+        assert s._db.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID
+        assert s._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert path.read_bytes()[68:72] == APPLICATION_ID.to_bytes(4, "big")
+
+
+def test_torch_float64_and_list_of_rows_are_stored_as_float32(store):
+    torch = pytest.importorskip("torch")
+    model_id = store.register_model("m", "fp-1", DIM)
+    vectors, items = _items(4)
+    store.add(model_id, torch.from_numpy(vectors[:2].astype(np.float64)), items.iloc[:2])
+    store.add(model_id, list(vectors[2:]), items["path"].iloc[2:].tolist())
+    loaded, meta = store.load(model_id)
+    assert loaded.tobytes() == vectors.tobytes()
+    assert meta["label"].tolist()[:2] == [0, 1] and meta["label"].isna().tolist()[2:] == [True, True]
+
+
+def test_upsert_by_path_updates_in_place(store):
+    model_id = store.register_model("m", "fp-1", DIM)
+    vectors, items = _items(6)
+    store.add(model_id, vectors, items)
+    changed = items.iloc[[4, 1]].assign(label=["new4", "new1"])
+    assert store.add(model_id, vectors[[0, 2]] * 2, changed) == {"inserted": 0, "updated": 2}
+    loaded, meta = store.load(model_id)
+    expected = vectors.copy()
+    expected[[4, 1]] = vectors[[0, 2]] * 2
+    assert loaded.tobytes() == expected.tobytes()
+    assert meta["path"].tolist() == items["path"].tolist()  # rows keep their place
+    assert meta["label"].tolist() == [0, "new1", 2, 3, "new4", 0]
+    assert len(store) == 6
+
+
+def test_filters_select_subsets_and_paths_keep_their_order(store):
+    model_id = store.register_model("m", "fp-1", DIM)
+    vectors, items = _items(30)
+    store.add(model_id, vectors, items)
+    keep = (items["split"] == "validation") & items["label"].isin([1, 3]) & (items["category"] == "odd")
+    loaded, meta = store.load(model_id, split="validation", label=[1, 3], category="odd")
+    assert meta["path"].tolist() == items.loc[keep, "path"].tolist()
+    assert loaded.tobytes() == vectors[keep.to_numpy()].tobytes()
+    wanted = [items["path"][7], "/not/stored.png", items["path"][2], items["path"][7]]
+    loaded, meta = store.load(model_id, paths=wanted)
+    assert meta["path"].tolist() == [items["path"][7], items["path"][2]]
+    assert loaded.tobytes() == vectors[[7, 2]].tobytes()
+    empty, meta = store.load(model_id, label="no such label")
+    assert empty.shape == (0, DIM) and len(meta) == 0
+
+
+def test_summary_counts_per_model(store):
+    a = store.register_model("resnet18", "fp-a", DIM)
+    b = store.register_model("vit_small", "fp-b", 4)
+    vectors, items = _items(9)
+    store.add(a, vectors, items)
+    summary = store.summary()
+    assert summary["model_id"].tolist() == [a, b]
+    assert summary["n_items"].tolist() == [9, 0]
+    assert summary["n_labels"].tolist() == [5, 0]
+    assert summary["n_categories"].tolist() == [2, 0]
+    assert summary["dim"].tolist() == [DIM, 4]
+    assert summary["splits"].tolist() == ["train: 3, validation: 6", ""]
+
+
+def test_register_model_is_idempotent_and_refuses_conflicts(store):
+    first = store.register_model("resnet18", "fp-a", DIM)
+    assert store.register_model("resnet18", "fp-a", DIM) == first
+    with pytest.raises(StoreError, match="fp-a.*registered as model 1"):
+        store.register_model("resnet18", "fp-a", DIM * 2)
+    with pytest.raises(StoreError, match="dim must be a positive integer"):
+        store.register_model("resnet18", "fp-b", 0)
+    assert len(store.models()) == 1
+
+
+def test_delete_items_and_models(store):
+    a = store.register_model("resnet18", "fp-a", DIM)
+    b = store.register_model("resnet18", "fp-b", DIM)
+    vectors, items = _items(12)
+    store.add(a, vectors, items)
+    store.add(b, vectors, items)
+    with pytest.raises(StoreError, match="no filter"):
+        store.delete_items(a)
+    assert store.delete_items(a, split="train") == 4
+    assert store.delete_items(a, paths=[items["path"][1], "/missing.png"]) == 1
+    _, meta = store.load(a)
+    assert meta["path"].tolist() == [p for i, p in enumerate(items["path"]) if i % 3 and i != 1]
+    assert len(store.load(b)[0]) == 12  # the other model is untouched
+    assert store.delete_model(b) == 12
+    assert [m.id for m in store.models()] == [a]
+    assert store.delete_items(a, all_items=True) == 7
+    assert len(store) == 0
+
+
+# --- safety
+def test_wrong_dimension_is_refused_naming_model_and_path(store):
+    model_id = store.register_model("resnet18", "abcdef0123456789", DIM)
+    vectors, items = _items(3)
+    with pytest.raises(
+        StoreError, match=r"model 1 \(resnet18, dim 8, fingerprint abcdef012345\).* 4 columns"
+    ) as err:
+        store.add(model_id, vectors[:, :4], items)
+    assert items["path"][0] in str(err.value)
+    ragged = [vectors[0], vectors[1][:5], vectors[2]]
+    with pytest.raises(StoreError, match=r"row 1 \(path '/data/img_0001.png'\) has shape \(5,\)"):
+        store.add(model_id, ragged, items)
+    with pytest.raises(StoreError, match="4 rows but 3 items"):
+        store.add(model_id, np.zeros((4, DIM), np.float32), items)
+    with pytest.raises(StoreError, match="query vectors have 3 columns"):
+        store.search(np.zeros((1, 3), np.float32), model=model_id)
+    assert len(store) == 0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, 1e39])
+def test_non_finite_values_are_refused_naming_row_and_path(store, bad):
+    model_id = store.register_model("resnet18", "abcdef0123456789", DIM)
+    vectors, items = _items(10)
+    vectors = vectors.astype(np.float64)
+    vectors[7, 3] = bad  # 1e39 overflows float32
+    vectors[9, 0] = bad
+    with pytest.raises(StoreError, match=r"model 1 .*row 7 \(path '/data/img_0007.png'\).*2 row\(s\)"):
+        store.add(model_id, vectors, items)
+    assert len(store) == 0
+
+
+def test_bad_items_are_refused(store):
+    model_id = store.register_model("m", "fp-1", DIM)
+    vectors, items = _items(3)
+    with pytest.raises(StoreError, match="more than once"):
+        store.add(model_id, vectors, items.assign(path=["/a", "/b", "/a"]))
+    with pytest.raises(StoreError, match="'path' column"):
+        store.add(model_id, vectors, items.drop(columns="path"))
+    with pytest.raises(StoreError, match="row 2: 'path' must be a non-empty string"):
+        store.add(model_id, vectors, items.assign(path=["/a", "/b", ""]))
+    assert len(store) == 0
+
+
+def test_interrupted_bulk_insert_leaves_the_database_unchanged(tmp_path):
+    path = tmp_path / "store.sqlite"
+    with EmbeddingStore(path) as s:
+        model_id = s.register_model("m", "fp-1", DIM)
+        vectors, items = _items(20)
+        s.add(model_id, vectors, items)
+        before = _snapshot(path)
+        # 1000 rows: the first 20 update stored items, row 600 holds a value JSON cannot store.
+        new_vectors, new_items = _items(1000, seed=1)
+        new_items.loc[:19, "path"] = items["path"]
+        new_items["note"] = pd.Series(["ok"] * len(new_items), dtype=object)
+        new_items.loc[600, "note"] = object()
+        with pytest.raises(StoreError, match=r"img_0600.png'.*column 'note'"):
+            s.add(model_id, new_vectors, new_items)
+        assert _snapshot(path) == before
+        # the same interruption from a generator that raises after handing 500 rows to sqlite
+        handed = []
+
+        def interrupted(model_id, frame, matrix):
+            for i, row in enumerate(original(model_id, frame, matrix)):
+                if i == 500:
+                    raise KeyboardInterrupt
+                handed.append(i)
+                yield row
+
+        original = EmbeddingStore._rows
+        s._rows = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            s.add(model_id, new_vectors, new_items.assign(note="ok"))
+        assert len(handed) == 500
+        del s._rows
+        assert _snapshot(path) == before
+        assert s.add(model_id, new_vectors[:3], new_items.iloc[:3]) == {"inserted": 0, "updated": 3}
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+@pytest.mark.parametrize("kind", ["random bytes", "other sqlite", "same id, no meta", "empty", "text"])
+def test_foreign_files_are_refused_and_left_unchanged(tmp_path, kind):
+    path = tmp_path / "foreign.db"
+    if kind == "random bytes":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "text":
+        path.write_text("path,label\n/a.png,1\n")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    else:
+        conn = sqlite3.connect(path)
+        conn.execute(
+            "CREATE TABLE meta (key TEXT, value TEXT)" if kind == "same id, no meta" else "CREATE TABLE t (x)"
+        )
+        conn.execute("INSERT INTO t VALUES (1)" if kind == "other sqlite" else "SELECT 1")
+        if kind == "same id, no meta":
+            conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        conn.commit()
+        conn.close()
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    stat = path.stat()
+    with pytest.raises(NotAStoreError, match="not changed"):
+        EmbeddingStore(path)
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest
+    assert path.stat().st_mtime_ns == stat.st_mtime_ns
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["foreign.db"]  # no -wal / -shm / journal left
+
+
+def test_missing_file_with_create_false_and_newer_schema(tmp_path):
+    with pytest.raises(FileNotFoundError, match="create=True"):
+        EmbeddingStore(tmp_path / "none.sqlite", create=False)
+    assert not (tmp_path / "none.sqlite").exists()
+    path = tmp_path / "store.sqlite"
+    EmbeddingStore(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    with pytest.raises(StoreError, match="schema version 99"):
+        EmbeddingStore(path)
+
+
+def test_read_only_store_refuses_writes(tmp_path):
+    path = tmp_path / "store.sqlite"
+    with EmbeddingStore(path) as s:
+        model_id = s.register_model("m", "fp-1", DIM)
+    with EmbeddingStore(path, read_only=True) as s:
+        vectors, items = _items(2)
+        with pytest.raises(StoreError, match="read_only=True"):
+            s.add(model_id, vectors, items)
+        assert len(s.load(model_id)[0]) == 0
+
+
+def test_models_never_mix(store):
+    a = store.register_model("resnet18", "aaaaaa111", DIM)
+    b = store.register_model("resnet18", "bbbbbb222", DIM)
+    vectors, items = _items(10)
+    store.add(a, vectors, items)
+    store.add(b, vectors + 100, items.assign(path=items["path"] + "?b"))
+    for call in (lambda: store.load("resnet18"), lambda: store.search(vectors[:1], model="resnet18")):
+        with pytest.raises(StoreError, match="ambiguous.*model 1.*model 2"):
+            call()
+    with pytest.raises(StoreError, match="name the model"):
+        store.search(vectors[:1], model=None)
+    with pytest.raises(StoreError, match="no model 7"):
+        store.load(7)
+    assert store.model("aaaaaa").id == a and store.model("bbbbbb222").id == b
+    # the query is model b's vector of item 0, but model a is searched: only model a's items come back
+    results = store.search(vectors[:1] + 100, model=a, k=10)
+    assert sorted(results["path"]) == sorted(items["path"])
+
+
+# --- search
+def _brute_force(queries: np.ndarray, gallery: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    rows, dists = [], []
+    for q in queries.astype(np.float64):
+        d = np.array([np.sqrt(((q - g) ** 2).sum()) for g in gallery.astype(np.float64)])
+        order = np.argsort(d, kind="stable")[:k]
+        rows.append(order)
+        dists.append(d[order])
+    return np.array(rows), np.array(dists)
+
+
+def test_search_equals_brute_force(store):
+    model_id = store.register_model("m", "fp-1", DIM)
+    vectors, items = _items(300)
+    store.add(model_id, vectors, items)
+    queries = np.random.default_rng(5).standard_normal((7, DIM)).astype(np.float32)
+    results = store.search(queries, model=model_id, k=5)
+    assert list(results.columns) == ["query", "rank", "path", "label", "category", "split", "distance"]
+    rows, dists = _brute_force(queries, vectors, 5)
+    assert results["query"].tolist() == np.repeat(np.arange(7), 5).tolist()
+    assert results["rank"].tolist() == [1, 2, 3, 4, 5] * 7
+    assert results["path"].tolist() == items["path"].to_numpy()[rows.ravel()].tolist()
+    assert results["label"].tolist() == items["label"].to_numpy()[rows.ravel()].tolist()
+    np.testing.assert_allclose(results["distance"], dists.ravel(), rtol=1e-5, atol=1e-5)
+    # with a filter, against brute force over the filtered rows
+    keep = np.flatnonzero((items["split"] == "train").to_numpy())
+    results = store.search(queries, model=model_id, k=3, split="train")
+    rows, dists = _brute_force(queries, vectors[keep], 3)
+    assert results["path"].tolist() == items["path"].to_numpy()[keep[rows.ravel()]].tolist()
+    np.testing.assert_allclose(results["distance"], dists.ravel(), rtol=1e-5, atol=1e-5)
+    # k larger than the gallery: everything, ranked
+    assert len(store.search(queries[:1], model=model_id, k=1000, label=0, category="even")) == 30
+    with pytest.raises(StoreError, match="no stored items matching"):
+        store.search(queries, model=model_id, label="nope")
+
+
+def test_search_sees_writes_and_stored_queries_exclude_themselves(store):
+    model_id = store.register_model("m", "fp-1", DIM)
+    vectors, items = _items(40)
+    store.add(model_id, vectors[:30], items.iloc[:30])
+    first = store.search(vectors[35], model=model_id, k=1)
+    store.add(model_id, vectors[30:], items.iloc[30:])
+    assert store.search(vectors[35], model=model_id, k=1)["path"].tolist() == [items["path"][35]]
+    assert first["path"][0] != items["path"][35]
+    results = store.search_stored([items["path"][3], items["path"][8]], model=model_id, k=4)
+    assert results["query_path"].tolist() == [items["path"][3]] * 4 + [items["path"][8]] * 4
+    rows, dists = _brute_force(vectors[[3, 8]], vectors, 5)
+    assert results["path"].tolist() == items["path"].to_numpy()[rows[:, 1:].ravel()].tolist()
+    np.testing.assert_allclose(results["distance"], dists[:, 1:].ravel(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(StoreError, match="no stored item '/nope.png'"):
+        store.search_stored("/nope.png", model=model_id)
+
+
+# --- images and cache
+@pytest.fixture(scope="module")
+def extractor():
+    import torch
+
+    from labkit.models import create_extractor
+
+    torch.manual_seed(0)
+    return create_extractor("resnet18", pretrained=False, embedding_size=16, image_size=32)
+
+
+@pytest.fixture
+def seen(extractor):
+    """Sizes of the batches the extractor is run on during a test."""
+    sizes: list[int] = []
+    handle = extractor.register_forward_hook(lambda module, inputs, output: sizes.append(len(inputs[0])))
+    yield sizes
+    handle.remove()
+
+
+def test_embed_dataset_cached_skips_stored_images(tmp_path, figures_df, extractor, seen):
+    from labkit import data, models
+
+    frame = figures_df[figures_df["split"] == "validation"].iloc[:10].copy()
+    images = tmp_path / "images"
+    images.mkdir()
+    frame["path"] = [str(images / f"{i}.png") for i in range(len(frame))]
+    for source, target in zip(figures_df["path"][frame.index], frame["path"], strict=True):
+        shutil.copyfile(source, target)
+    with EmbeddingStore(tmp_path / "store.sqlite") as s:
+        assert s.model_for_fingerprint(models.fingerprint(extractor)) is None
+        first = counts = store_module.embed_dataset_cached(s, extractor, frame, batch_size=4)
+        assert (counts["embedded"], counts["skipped"], sum(seen)) == (10, 0, 10)
+        expected = models.embed(
+            extractor, data.LabeledImages(frame, extractor.transforms(train=False)), progress=False
+        )
+        stored, meta = s.load(counts["model_id"])
+        np.testing.assert_allclose(stored, expected.numpy(), rtol=1e-5, atol=1e-6)
+        assert meta["path"].tolist() == frame["path"].tolist()
+        seen.clear()
+        counts = store_module.embed_dataset_cached(s, extractor, frame.assign(label="relabelled"))
+        assert (counts["embedded"], counts["skipped"], sum(seen)) == (0, 10, 0)
+        assert s.load(counts["model_id"])[1]["label"].unique().tolist() == ["relabelled"]
+        changed = frame["path"].iloc[4]
+        os.utime(changed, ns=(1, 1))  # the file changed (mtime), so it is embedded again
+        counts = store_module.embed_dataset_cached(s, extractor, frame)
+        assert (counts["embedded"], counts["skipped"], sum(seen)) == (1, 9, 1)
+        np.testing.assert_allclose(s.load(counts["model_id"])[0], stored, rtol=1e-5, atol=1e-6)
+        assert first["model_id"] == counts["model_id"]
+
+
+def test_search_images_uses_the_stores_model(tmp_path, figures_df, extractor):
+    from PIL import Image
+
+    from labkit.models import create_extractor
+
+    frame = figures_df[figures_df["split"] == "validation"].iloc[:12]
+    with EmbeddingStore(tmp_path / "store.sqlite") as s:
+        model_id = store_module.embed_dataset_cached(s, extractor, frame)["model_id"]
+        query = frame["path"].iloc[5]
+        results = s.search_images([query, Image.open(query)], extractor, k=3)
+        assert results["query_path"].iloc[:3].tolist() == [query] * 3
+        assert results["query_path"].iloc[3:].isna().all()  # a PIL image has no path
+        assert results.loc[results["rank"] == 1, "path"].tolist() == [query, query]
+        assert results["distance"].iloc[0] < 1e-3
+        stored, _ = s.load(model_id, paths=[query])
+        by_vector = s.search(stored, model=model_id, k=3)
+        assert by_vector["path"].tolist() == results["path"].iloc[:3].tolist()
+        other = create_extractor("resnet18", pretrained=False, embedding_size=16, image_size=32)
+        with pytest.raises(StoreError, match="made none of the embeddings"):
+            s.search_images(query, other)
+        with pytest.raises(StoreError, match="cannot be compared"):
+            s.search_images(query, other, model=model_id)
