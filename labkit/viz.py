@@ -89,6 +89,24 @@ def worst_queries(
     return order[:n].astype(np.int64) if n is not None else order.astype(np.int64)
 
 
+def per_query_metrics(metrics: Mapping[Any, Any], section: Any = "overall") -> dict[str, torch.Tensor]:
+    """Flatten per-query metrics (`metrics_from_results(..., reduce=False)`) to {"cmc@1": (Q,), "map@5": ...}.
+
+    Only the `section` (default "overall", whose tensors cover every query) is used.
+    """
+    if section not in metrics:
+        raise ValueError(f"metrics have no section {section!r}; they have {list(metrics)}")
+    flat: dict[str, torch.Tensor] = {}
+    for name, values in metrics[section].items():
+        if not isinstance(values, Mapping):
+            continue  # n_queries, n_skipped
+        for k, value in values.items():
+            if not torch.is_tensor(value) or value.ndim != 1:
+                raise ValueError("per_query_metrics needs per-query metrics: compute them with reduce=False")
+            flat[f"{name}@{k:g}" if isinstance(k, float) else f"{name}@{k}"] = value.detach().cpu()
+    return flat
+
+
 def shorten(text: Any, width: int = LABEL_CHARS) -> str:
     """`text` cut to at most `width` characters, keeping its start and end around an ellipsis."""
     text = str(text)
@@ -135,46 +153,39 @@ def distance_samples(
     max_queries: int = 2000,
     max_negatives: int = 200_000,
     seed: int = 0,
-    chunk_size: int = 256,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Euclidean query-gallery distances split into positive (same label) and negative pairs.
 
-    Unlike the top-k distances of a RetrievalResults, these cover all pairs: a query is never paired with
-    itself nor with gallery items of its own sequence. At most `max_queries` queries (a seeded sample) and
-    `max_negatives` negative distances (a seeded sample) are kept so that memory stays small.
+    Unlike the top-k distances of a RetrievalResults, these cover all pairs (`labkit.retrieval`'s
+    exclusions apply: never a query with itself nor with its own sequence). At most `max_queries` queries
+    (a seeded sample) and `max_negatives` negative distances (a seeded sample) are kept.
     """
-    emb = torch.as_tensor(_as_numpy(embeddings, "embeddings"), dtype=torch.float32)
-    n = emb.shape[0]
-    labels_t = _codes(labels, n, "labels")
-    q_mask = _bool_vector(is_query, n, "is_query")
-    g_mask = _bool_vector(is_gallery, n, "is_gallery")
-    seq = None if sequence_ids is None else _codes(sequence_ids, n, "sequence_ids")
+    from labkit.retrieval import iter_pair_distances
+
+    query_mask = _as_numpy(is_query, "is_query").reshape(-1).astype(bool)
+    queries = np.flatnonzero(query_mask)
     rng = np.random.default_rng(seed)
-    queries = np.flatnonzero(q_mask)
     if len(queries) > max_queries:
-        queries = np.sort(rng.choice(queries, size=max_queries, replace=False))
-    gallery = torch.as_tensor(np.flatnonzero(g_mask))
-    if len(queries) == 0 or len(gallery) == 0:
-        raise ValueError("distance_samples needs at least one query and one gallery item")
-    g_emb, g_lab = emb[gallery], labels_t[gallery]
+        query_mask = np.zeros_like(query_mask)
+        query_mask[rng.choice(queries, size=max_queries, replace=False)] = True
+    n_queries = max(int(query_mask.sum()), 1)
     positives, negatives = [], []
-    for start in range(0, len(queries), chunk_size):  # a loop over chunks of queries, bounded memory
-        q = torch.as_tensor(queries[start : start + chunk_size])
-        dist = torch.cdist(emb[q], g_emb)
-        valid = q[:, None] != gallery[None, :]
-        if seq is not None:
-            valid &= seq[q][:, None] != seq[gallery][None, :]
-        same = labels_t[q][:, None] == g_lab[None, :]
-        positives.append(dist[valid & same].numpy())
-        neg = dist[valid & ~same].numpy()
-        quota = math.ceil(max_negatives * len(q) / len(queries))  # bounded memory per chunk
-        if len(neg) > quota:
-            neg = rng.choice(neg, size=quota, replace=False)
-        negatives.append(neg)
-    negative = np.concatenate(negatives).astype(np.float64)
+    chunks = iter_pair_distances(embeddings, labels, query_mask, is_gallery, sequence_ids=sequence_ids)
+    for dist, relevant in chunks:
+        dist, relevant = dist.cpu(), relevant.cpu()
+        valid = ~torch.isnan(dist)
+        positives.append(dist[valid & relevant].double().numpy())
+        negative = dist[valid & ~relevant].double().numpy()
+        quota = math.ceil(max_negatives * len(dist) / n_queries)  # bounded memory per chunk
+        negatives.append(
+            rng.choice(negative, size=quota, replace=False) if len(negative) > quota else negative
+        )
+    if not positives:
+        raise ValueError("distance_samples needs at least one query and one gallery item")
+    negative = np.concatenate(negatives)
     if len(negative) > max_negatives:
         negative = rng.choice(negative, size=max_negatives, replace=False)
-    return np.concatenate(positives).astype(np.float64), negative
+    return np.concatenate(positives), negative
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -364,8 +375,8 @@ def plot_distance_histograms(
     if results is not None:
         if positive is not None or negative is not None:
             raise ValueError("pass either results or positive/negative distances, not both")
-        dist, relevant = results.distances, results.relevant
-        finite = torch.isfinite(dist) & (results.retrieved >= 0)
+        dist, relevant = results.distances.cpu(), results.relevant.cpu()
+        finite = torch.isfinite(dist) & (results.retrieved.cpu() >= 0)
         positive, negative = dist[finite & relevant].numpy(), dist[finite & ~relevant].numpy()
         default_title = f"Distances among the top {dist.shape[1]} of {dist.shape[0]} queries"
     elif positive is None or negative is None:
@@ -518,9 +529,10 @@ def _draw_rows(
     fig = Figure(figsize=(1.5 * (k + 1) + 0.5, row_height * len(positions) + 0.45), layout="constrained")
     fig.get_layout_engine().set(w_pad=0.05, h_pad=0.05, wspace=0.02, hspace=0.02)
     grid = fig.add_gridspec(len(positions), k + 2, width_ratios=[1.0, 0.12] + [1.0] * k)
-    retrieved, distances, relevant = results.retrieved, results.distances, results.relevant
+    retrieved, distances = results.retrieved.cpu(), results.distances.cpu()
+    relevant, query_ids = results.relevant.cpu(), results.query_ids.cpu()
     for row, pos in enumerate(positions.tolist()):
-        query_item = int(results.query_ids[pos])
+        query_item = int(query_ids[pos])
         ax = fig.add_subplot(grid[row, 0])
         ax.imshow(_image(items.iloc[query_item], boxes))
         _frame(ax, QUERY_COLOR)
@@ -623,19 +635,3 @@ def _as_numpy(values: Any, name: str) -> np.ndarray:
         return np.asarray(values)
     except Exception as error:  # pragma: no cover - exotic inputs
         raise TypeError(f"{name} must be array-like, got {type(values).__name__}") from error
-
-
-def _codes(values: Any, n: int, name: str) -> torch.Tensor:
-    arr = _as_numpy(values, name).reshape(-1)
-    if len(arr) != n:
-        raise ValueError(f"{name} has {len(arr)} values for {n} embeddings")
-    if not np.issubdtype(arr.dtype, np.integer):
-        arr = pd.factorize(arr)[0]
-    return torch.as_tensor(arr.astype(np.int64))
-
-
-def _bool_vector(values: Any, n: int, name: str) -> np.ndarray:
-    arr = _as_numpy(values, name).reshape(-1).astype(bool)
-    if len(arr) != n:
-        raise ValueError(f"{name} has {len(arr)} values for {n} embeddings")
-    return arr

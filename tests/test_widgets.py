@@ -1,0 +1,214 @@
+"""labkit.widgets: the result browser's state changes through plain methods, and its static fallback."""
+
+from __future__ import annotations
+
+import matplotlib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from labkit import viz, widgets
+from labkit.retrieval import RetrievalResults
+
+matplotlib.use("Agg")
+
+LABELS = [0, 0, 1, 1, 2, 2, 0, 1]
+CATEGORIES = ["red", "red", "blue", "blue", "red", "red", "blue", "blue"]
+
+
+@pytest.fixture
+def results() -> RetrievalResults:
+    """Every item is a query; top-4 by the distance |i - j| (ties to the lower item), no self-match."""
+    labels = torch.tensor(LABELS)
+    n = len(LABELS)
+    dist = (torch.arange(n)[:, None] - torch.arange(n)[None, :]).abs().float() + torch.arange(n) * 1e-3
+    dist.fill_diagonal_(float("inf"))
+    distances, retrieved = dist.topk(4, largest=False)
+    relevant = labels[retrieved] == labels[:, None]
+    n_relevant = torch.tensor([(labels == label).sum().item() - 1 for label in LABELS])
+    return RetrievalResults(
+        distances=distances,
+        retrieved=retrieved,
+        query_ids=torch.arange(n),
+        relevant=relevant,
+        n_relevant=n_relevant,
+        labels=labels,
+    )
+
+
+@pytest.fixture
+def items(tmp_path) -> pd.DataFrame:
+    rows = []
+    for i, (label, category) in enumerate(zip(LABELS, CATEGORIES, strict=True)):
+        path = tmp_path / f"{i}.png"
+        Image.new("RGB", (8, 8), (30 * i, 100, 200 - 20 * i)).save(path)
+        rows.append({"path": str(path), "label": f"L{label}", "category": category})
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def metrics(results) -> dict[str, torch.Tensor]:
+    cmc1 = results.relevant[:, 0].float()
+    p2 = results.relevant[:, :2].float().mean(dim=1)
+    p2[5] = float("nan")  # a skipped query goes last in the worst-first order
+    return {"precision@2": p2, "cmc@1": cmc1}
+
+
+@pytest.fixture
+def browser(results, items, metrics) -> widgets.ResultBrowser:
+    return widgets.ResultBrowser(results, items, metrics, k=3)
+
+
+def shown_gallery(fig) -> list[str]:
+    return [
+        ax.get_gid() for ax in fig.axes if (ax.get_gid() or "").split(":")[0] in ("relevant", "irrelevant")
+    ]
+
+
+def test_starts_worst_first_by_the_first_metric(browser, metrics):
+    expected = viz.worst_queries(metrics["precision@2"], skip_nan=False)
+    assert browser.order.tolist() == expected.tolist()
+    assert browser.order[-1] == 5
+    assert browser.order_mode == "worst" and browser.order_metric == "precision@2"
+    assert browser.current_query == expected[0] and browser.index == 0
+    assert browser.current_metrics == {
+        "precision@2": float(metrics["precision@2"][expected[0]]),
+        "cmc@1": float(metrics["cmc@1"][expected[0]]),
+    }
+
+
+def test_set_order_by_metric_index_and_random(browser, metrics):
+    assert browser.set_order("worst", "cmc@1") == viz.worst_queries(metrics["cmc@1"])[0]
+    assert browser.order.tolist() == viz.worst_queries(metrics["cmc@1"], skip_nan=False).tolist()
+    assert browser.set_order("index") == 0
+    assert browser.order.tolist() == list(range(8)) and browser.order_metric is None
+    browser.set_order("random", seed=3)
+    assert browser.order.tolist() == np.random.default_rng(3).permutation(8).tolist()
+    assert browser.order_mode == "random"
+    browser.set_order("worst")  # remembers the last metric
+    assert browser.order_metric == "cmc@1"
+    with pytest.raises(ValueError, match="not one of"):
+        browser.set_order("best")
+    with pytest.raises(ValueError, match="unknown metric 'map@5'"):
+        browser.set_order("worst", "map@5")
+
+
+def test_select_next_previous_change_the_shown_query(browser):
+    browser.set_order("index")
+    assert browser.select(4) == 4 and browser.current_item == 4
+    assert browser.next() == 5 and browser.index == 5
+    assert browser.previous() == 4
+    browser.select(7)
+    assert browser.next() == 7  # stays on the last
+    browser.select(0)
+    assert browser.previous() == 0  # stays on the first
+    with pytest.raises(IndexError, match="outside the current order of 8"):
+        browser.select(8)
+    assert browser.select_query(6) == 6 and browser.index == 6
+    fig = browser.figure()
+    assert [ax.get_gid() for ax in fig.axes if (ax.get_gid() or "").startswith("query:")] == ["query:6"]
+
+
+def test_category_filter(browser, items):
+    assert browser.categories == ["blue", "red"]
+    browser.set_order("index")
+    browser.select(3)
+    assert browser.set_category("blue") == 2  # back to the first blue query
+    assert browser.order.tolist() == [2, 3, 6, 7] and browser.category == "blue"
+    assert items.category[browser.order].eq("blue").all()
+    with pytest.raises(ValueError, match="not in the current order"):
+        browser.select_query(0)
+    browser.set_order("worst", "precision@2")
+    assert set(browser.order.tolist()) == {2, 3, 6, 7}
+    with pytest.raises(ValueError, match="unknown category 'green'"):
+        browser.set_category("green")
+    browser.set_category(None)
+    assert len(browser.order) == 8
+
+
+def test_explicit_categories_override_the_column(results, items, metrics):
+    b = widgets.ResultBrowser(results, items, metrics, categories=["a"] * 4 + ["b"] * 4)
+    b.set_category("b")
+    assert sorted(b.order.tolist()) == [4, 5, 6, 7]
+    with pytest.raises(ValueError, match="3 values for 8 items"):
+        widgets.ResultBrowser(results, items, metrics, categories=["a", "b", "c"])
+    no_column = widgets.ResultBrowser(results, items.drop(columns="category"), metrics)
+    assert no_column.categories == []
+
+
+def test_set_k_keeps_the_query_and_draws_k_images(browser):
+    query = browser.select(2)
+    assert len(shown_gallery(browser.figure())) == 3
+    assert browser.set_k(1) == query and browser.k == 1
+    assert shown_gallery(browser.figure()) == [
+        f"{'relevant' if browser.results.relevant[query, 0] else 'irrelevant'}:{query}:0"
+    ]
+    browser.set_k(4)
+    assert len(shown_gallery(browser.figure())) == 4
+    with pytest.raises(ValueError, match="from 1 to 4"):
+        browser.set_k(5)
+
+
+def test_figure_and_table_show_the_query_metrics(browser, metrics):
+    browser.set_order("index")
+    browser.select(1)
+    fig = browser.figure()
+    query_ax = next(ax for ax in fig.axes if ax.get_gid() == "query:1")
+    p2, c1 = float(metrics["precision@2"][1]), float(metrics["cmc@1"][1])
+    assert query_ax.get_xlabel() == f"L0\nprecision@2 {p2:.2f}\ncmc@1 {c1:.2f}"
+    assert "2 of 8" in fig._suptitle.get_text() and "index" in fig._suptitle.get_text()
+    table = browser.metrics_frame()["value"]
+    assert table["label"] == "L0" and table["category"] == "red" and table["relevant in gallery"] == "2"
+    assert float(table["precision@2"]) == pytest.approx(p2)
+
+
+def test_worst_order_needs_a_metric(results, items):
+    with pytest.raises(ValueError, match="needs metrics_per_query"):
+        widgets.ResultBrowser(results, items)
+    b = widgets.ResultBrowser(results, items, order="index")
+    assert b.current_metrics == {}
+    assert b.k == 4  # the default 5 is capped at the results' k
+    with pytest.raises(ValueError, match="has 7 values but the results have 8 queries"):
+        widgets.ResultBrowser(results, items, {"m": torch.zeros(7)})
+
+
+def test_widgets_follow_and_drive_the_state(browser):
+    box = browser.widget
+    ui = browser._ui
+    assert box is browser.widget  # built once
+    ui["order"].value = ("index", None)
+    assert browser.order_mode == "index"
+    ui["slider"].value = 5
+    assert browser.current_query == 5
+    ui["next"].click()
+    assert browser.current_query == 6 and ui["slider"].value == 6 and ui["query"].value == 6
+    ui["category"].value = "red"
+    assert browser.category == "red" and ui["slider"].max == 3 and ui["slider"].value == 0
+    ui["k"].value = 2
+    assert browser.k == 2
+    browser.set_order("worst", "cmc@1")  # a method call updates the widgets
+    assert ui["order"].value == ("worst", "cmc@1")
+    assert ui["query"].options[0][0].startswith(f"1. query {browser.current_query}: L")
+    assert ui["image"].value[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_display_falls_back_to_a_static_figure_without_a_front_end(browser, monkeypatch):
+    monkeypatch.delenv(widgets.NO_WIDGETS_ENV, raising=False)
+    monkeypatch.delenv(widgets.WIDGETS_ENV, raising=False)
+    assert widgets.widget_frontend_available() is False  # plain Python, no kernel
+    shown = browser.display()
+    assert isinstance(shown, matplotlib.figure.Figure)
+    assert any(ax.get_gid() == f"query:{browser.current_query}" for ax in shown.axes)
+    monkeypatch.setenv(widgets.WIDGETS_ENV, "1")
+    assert widgets.widget_frontend_available() is True
+    assert browser.display() is browser.widget
+    monkeypatch.setenv(widgets.NO_WIDGETS_ENV, "1")  # the test suite's switch wins
+    assert widgets.widget_frontend_available() is False
+    monkeypatch.delenv(widgets.NO_WIDGETS_ENV)
+    monkeypatch.setenv(widgets.WIDGETS_ENV, "static")
+    assert widgets.widget_frontend_available() is False
+    monkeypatch.setenv(widgets.WIDGETS_ENV, "maybe")
+    with pytest.raises(ValueError, match="LABKIT_WIDGETS='maybe'"):
+        widgets.widget_frontend_available()
