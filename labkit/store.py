@@ -41,8 +41,12 @@ __all__ = [
     "ModelInfo",
     "NotAStoreError",
     "StoreError",
+    "as_retrieval_results",
+    "draw_search_results",
     "embed_dataset_cached",
     "embed_images",
+    "fill_from_run",
+    "open_store_for",
 ]
 
 APPLICATION_ID = 0x4C4B4553  # "LKES": labkit embedding store, in the SQLite header (offset 68)
@@ -52,6 +56,7 @@ CORE_COLUMNS = ("path", "label", "split", "category")
 EXTRA_COLUMN = "extra"
 FILE_MTIME = "file_mtime_ns"
 FILE_SIZE = "file_size"
+VALIDATION_EMBEDDINGS = "validation_embeddings.pt"
 BOX_COLUMNS = ("x_1", "y_1", "x_2", "y_2")
 RESULT_COLUMNS = ["query", "rank", "path", "label", "category", "split", "distance"]
 
@@ -62,7 +67,7 @@ _FILTERS = {"split": "split", "label": "label", "category": "category", "paths":
 _SCHEMA = f"""
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE models (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     backbone TEXT NOT NULL,
     fingerprint TEXT NOT NULL UNIQUE,
     dim INTEGER NOT NULL CHECK (dim > 0),
@@ -728,7 +733,7 @@ class EmbeddingStore:
         paths: Any = None,
     ) -> pd.DataFrame:
         """Search with stored items as queries (by path); the query itself is left out of its results
-        unless `exclude_self=False`. Adds a `query_path` column."""
+        unless `exclude_self=False`. Adds the columns `query_path` and `query_label`."""
         info = self.model(model)
         query_paths = _value_list(query_paths)
         queries, found = self.load(info.id, paths=query_paths)
@@ -739,6 +744,7 @@ class EmbeddingStore:
         filters = {"split": split, "label": label, "category": category, "paths": paths}
         results = self._search(queries, info, k, filters, exclude=query_paths if exclude_self else None)
         results.insert(1, "query_path", [query_paths[q] for q in results["query"]])
+        results.insert(2, "query_label", [found["label"].iloc[q] for q in results["query"]])
         return results
 
     def search_images(
@@ -806,9 +812,19 @@ def embed_images(
     return embed(extractor, tensors, batch_size=batch_size, device=device, progress=False).numpy()
 
 
-def _file_stamp(path: str) -> tuple[int, int]:
-    stat = os.stat(path)
-    return stat.st_mtime_ns, stat.st_size
+def _with_file_stamps(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` plus the modification time (ns) and size of each `path`, the cache key of its embedding."""
+    stats = [os.stat(p) for p in frame["path"]]
+    return frame.assign(**{FILE_MTIME: [s.st_mtime_ns for s in stats], FILE_SIZE: [s.st_size for s in stats]})
+
+
+def _register(store: EmbeddingStore, extractor: torch.nn.Module) -> int:
+    from labkit.models import fingerprint
+
+    extra = {"config": extractor.config} if hasattr(extractor, "config") else {}
+    return store.register_model(
+        extractor.backbone_name, fingerprint(extractor), int(extractor.embedding_size), **extra
+    )
 
 
 def embed_dataset_cached(
@@ -827,15 +843,12 @@ def embed_dataset_cached(
     Metadata of all rows is refreshed in one transaction. Returns `{"model_id", "embedded", "skipped"}`.
     """
     from labkit.data import LabeledImages
-    from labkit.models import embed, fingerprint
+    from labkit.models import embed
 
-    frame = _items_frame(dataset_df)
+    frame = _with_file_stamps(_items_frame(dataset_df))
     dim = int(extractor.embedding_size)
-    model_id = store.register_model(extractor.backbone_name, fingerprint(extractor), dim)
+    model_id = _register(store, extractor)
     paths = frame["path"].tolist()
-    stamps = [_file_stamp(p) for p in paths]
-    frame[FILE_MTIME] = [s[0] for s in stamps]
-    frame[FILE_SIZE] = [s[1] for s in stamps]
     boxes = [c for c in BOX_COLUMNS if c in frame.columns]
     stored = store.stored_extra(model_id, paths)
 
@@ -867,3 +880,172 @@ def embed_dataset_cached(
         matrix[todo] = _to_numpy(vectors)
     store.add(model_id, matrix, frame)
     return {"model_id": model_id, "embedded": int(len(todo)), "skipped": int(keep.sum())}
+
+
+# --- notebook helpers
+def open_store_for(
+    path: str | os.PathLike, extractor: torch.nn.Module, *, overwrite: bool = False
+) -> tuple[EmbeddingStore, int]:
+    """Open (or create) the store at `path` for this extractor; returns the store and the model id.
+
+    A store holding another model's embeddings is refused unless `overwrite=True`, which deletes them.
+    """
+    from labkit.models import fingerprint
+
+    store = EmbeddingStore(path)
+    try:
+        mine = fingerprint(extractor)
+        others = [m for m in store.models() if m.fingerprint != mine]
+        if others and not overwrite:
+            raise StoreError(
+                f"{store.path} holds the embeddings of another model ("
+                + "; ".join(m.describe() for m in others)
+                + f"), not of this extractor (fingerprint {mine[:12]}). Pass overwrite=True to replace them, "
+                "or choose another store path."
+            )
+        for model in others:
+            store.delete_model(model.id)
+        return store, _register(store, extractor)
+    except BaseException:
+        store.close()
+        raise
+
+
+def _saved_embeddings_problem(saved: Any, validation: pd.DataFrame, extractor: Any, check_rows: int) -> str:
+    """Why `saved` (a validation_embeddings.pt payload) cannot stand for `extractor`, or "" when it can."""
+    from labkit.data import LabeledImages
+    from labkit.models import embed
+
+    if not isinstance(saved, dict) or not {"embeddings", "paths"} <= set(saved):
+        return "it lacks the keys 'embeddings' and 'paths'"
+    vectors = _to_numpy(saved["embeddings"])
+    if [str(p) for p in saved["paths"]] != validation["path"].astype(str).tolist():
+        return "its rows are not the validation rows of this dataset"
+    if vectors.ndim != 2 or vectors.shape[1] != int(extractor.embedding_size):
+        return (
+            f"its vectors have shape {vectors.shape}, the extractor makes {extractor.embedding_size} values"
+        )
+    rows = validation.iloc[:check_rows]
+    fresh = embed(extractor, LabeledImages(rows, extractor.transforms(train=False)), progress=False).numpy()
+    if not np.allclose(fresh, vectors[: len(rows)], rtol=1e-3, atol=1e-4):
+        return "this extractor embeds its first images differently (another model made them)"
+    return ""
+
+
+def fill_from_run(
+    store: EmbeddingStore,
+    extractor: torch.nn.Module,
+    run_dir: str | os.PathLike,
+    dataset_df: pd.DataFrame,
+    *,
+    batch_size: int = 64,
+    check_rows: int = 4,
+) -> dict[str, Any]:
+    """Store the validation images of `dataset_df` for `extractor`.
+
+    The vectors come from `run_dir/validation_embeddings.pt` (02_validate) when its rows are this dataset's
+    validation rows and re-embedding its first `check_rows` images with `extractor` gives the same vectors;
+    otherwise they are embedded now with `embed_dataset_cached`. Returns the model id, the `source` and why
+    the file was not used (`note`), with the counts.
+    """
+    import torch
+
+    from labkit.data import validation_dataset
+
+    validation = validation_dataset(dataset_df).df
+    saved_path = Path(run_dir) / VALIDATION_EMBEDDINGS
+    note = f"no {saved_path.name} in the run folder"
+    if saved_path.is_file():
+        saved = torch.load(saved_path, map_location="cpu", weights_only=True)
+        problem = _saved_embeddings_problem(saved, validation, extractor, check_rows)
+        if not problem:
+            model_id = _register(store, extractor)
+            counts = store.add(model_id, saved["embeddings"], _with_file_stamps(validation))
+            return {"model_id": model_id, "source": saved_path.name, "note": "", **counts}
+        note = f"{saved_path.name} not used: {problem}"
+    counts = embed_dataset_cached(store, extractor, validation, batch_size=batch_size)
+    return {**counts, "source": "embedded now", "note": note}
+
+
+def _search_items(results: pd.DataFrame, query_paths: Any, query_labels: Any) -> tuple[list, list]:
+    queries = sorted(results["query"].unique().tolist())
+    if query_paths is None:
+        if "query_path" not in results.columns:
+            raise StoreError(
+                "these results have no query_path column; pass query_paths (one image per query)."
+            )
+        first = results.groupby("query")["query_path"].first()
+        query_paths = [first[q] for q in queries]
+    if query_labels is None and "query_label" in results.columns:
+        first = results.groupby("query")["query_label"].first()
+        query_labels = [first[q] for q in queries]
+    query_labels = [None] * len(queries) if query_labels is None else list(query_labels)
+    if len(query_paths) != len(queries) or len(query_labels) != len(queries):
+        raise StoreError(f"the results hold {len(queries)} queries; give one query path and label for each.")
+    for q, path in zip(queries, query_paths, strict=True):
+        if _python_value(path) is None:
+            raise StoreError(f"query {q} has no image path (a PIL image or a vector); pass query_paths.")
+    return list(zip(query_paths, query_labels, strict=True)), queries
+
+
+def as_retrieval_results(
+    results: pd.DataFrame, *, query_paths: Sequence[str] | None = None, query_labels: Sequence | None = None
+) -> tuple[Any, pd.DataFrame]:
+    """Search results as a `labkit.retrieval.RetrievalResults` over items (queries first, then every hit)
+    for the labkit.viz retrieval figures. Relevance = same label as the query (never for an unknown label).
+    """
+    import torch
+
+    from labkit.retrieval import RetrievalResults
+
+    query_items, queries = _search_items(results, query_paths, query_labels)
+    n_queries, width = len(queries), int(results["rank"].max()) if len(results) else 1
+    hit_labels = results["label"].tolist()
+    names = [str(label) if label is not None else "new image" for _, label in query_items]
+    items = pd.DataFrame(
+        {
+            "path": [str(p) for p, _ in query_items] + results["path"].tolist(),
+            "label": names + [str(v) for v in hit_labels],
+        }
+    )
+    keys = [
+        ("label", str(label)) if label is not None else ("unknown", q)
+        for q, (_, label) in enumerate(query_items)
+    ]
+    keys += [("label", str(v)) for v in hit_labels]
+    codes = torch.as_tensor(pd.factorize(pd.Series([repr(k) for k in keys]))[0], dtype=torch.int64)
+    retrieved = torch.full((n_queries, width), -1, dtype=torch.int64)
+    distances = torch.full((n_queries, width), math.inf, dtype=torch.float32)
+    position = {q: i for i, q in enumerate(queries)}
+    rows = torch.as_tensor([position[q] for q in results["query"]], dtype=torch.int64)
+    cols = torch.as_tensor(results["rank"].to_numpy() - 1, dtype=torch.int64)
+    retrieved[rows, cols] = torch.arange(len(results)) + n_queries
+    distances[rows, cols] = torch.tensor(results["distance"].to_numpy(dtype=np.float32))
+    query_ids = torch.arange(n_queries)
+    relevant = (retrieved >= 0) & (codes[retrieved.clamp(min=0)] == codes[query_ids][:, None])
+    return (
+        RetrievalResults(distances, retrieved, query_ids, relevant, relevant.sum(dim=1), codes),
+        items,
+    )
+
+
+def draw_search_results(
+    results: pd.DataFrame,
+    *,
+    query_paths: Sequence[str] | None = None,
+    query_labels: Sequence | None = None,
+    k: int | None = None,
+    title: str | None = None,
+) -> Any:
+    """A labkit.viz grid of search results: each query (blue) and its hits, green when they share its label.
+
+    Query paths and labels come from the results' `query_path` / `query_label` columns unless given.
+    """
+    from labkit import viz
+
+    retrieval, items = as_retrieval_results(results, query_paths=query_paths, query_labels=query_labels)
+    k = int(results["rank"].max()) if k is None else k
+    title = f"Search results: top {k} (green: same label as the query)" if title is None else title
+    return viz.draw_queries(
+        retrieval, list(range(len(retrieval))), items, k=k, labels=items["label"].tolist(), title=title
+    )

@@ -448,6 +448,12 @@ def test_search_images_uses_the_stores_model(tmp_path, figures_df, extractor):
         assert results["query_path"].iloc[3:].isna().all()  # a PIL image has no path
         assert results.loc[results["rank"] == 1, "path"].tolist() == [query, query]
         assert results["distance"].iloc[0] < 1e-3
+        query_label = frame["label"].iloc[5]
+        figure = store_module.draw_search_results(results.iloc[:3], query_labels=[query_label])
+        marks = ["\u2713" if label == query_label else "\u2717" for label in results["label"].iloc[:3]]
+        titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
+        assert titles == ["query 0"] + [f"#{rank} {mark}" for rank, mark in enumerate(marks, 1)]
+        assert marks[0] == "\u2713"  # the image itself
         stored, _ = s.load(model_id, paths=[query])
         by_vector = s.search(stored, model=model_id, k=3)
         assert by_vector["path"].tolist() == results["path"].iloc[:3].tolist()
@@ -456,3 +462,77 @@ def test_search_images_uses_the_stores_model(tmp_path, figures_df, extractor):
             s.search_images(query, other)
         with pytest.raises(StoreError, match="cannot be compared"):
             s.search_images(query, other, model=model_id)
+
+
+def _save_validation_embeddings(run_dir, df, extractor):
+    import torch
+
+    from labkit import data, models
+
+    validation = data.validation_dataset(df, extractor.transforms(train=False))
+    vectors = models.embed(extractor, validation, progress=False)
+    payload = {"embeddings": vectors, "paths": validation.paths, "labels": validation.df["label"].tolist()}
+    torch.save(
+        {**payload, "extractor": None, "backbone": extractor.backbone_name},
+        run_dir / "validation_embeddings.pt",
+    )
+    return vectors.numpy(), validation.df
+
+
+def test_run_store_uses_saved_embeddings_and_refuses_another_model(tmp_path, figures_df, extractor, seen):
+    from labkit.models import create_extractor
+
+    df = figures_df[figures_df["label"].isin(figures_df["label"].unique()[:4])]
+    vectors, validation = _save_validation_embeddings(tmp_path, df, extractor)
+    seen.clear()
+    db, model_id = store_module.open_store_for(tmp_path / "store.sqlite", extractor)
+    with db:
+        filled = store_module.fill_from_run(db, extractor, tmp_path, df, check_rows=2)
+        assert filled == {
+            "model_id": model_id,
+            "source": "validation_embeddings.pt",
+            "note": "",
+            "inserted": len(validation),
+            "updated": 0,
+        }
+        assert sum(seen) == 2  # only the rows that check the file were embedded
+        stored, meta = db.load(model_id)
+        assert stored.tobytes() == vectors.tobytes()
+        assert meta["path"].tolist() == validation["path"].tolist()
+        assert meta["is_query"].tolist() == validation["is_query"].tolist()
+    other = create_extractor("resnet18", pretrained=False, embedding_size=16, image_size=32)
+    with pytest.raises(StoreError, match="holds the embeddings of another model.*overwrite=True"):
+        store_module.open_store_for(tmp_path / "store.sqlite", other)
+    db, other_id = store_module.open_store_for(tmp_path / "store.sqlite", other, overwrite=True)
+    with db:
+        assert other_id != model_id and [m.id for m in db.models()] == [other_id]
+        filled = store_module.fill_from_run(db, other, tmp_path, df, check_rows=2)
+        assert (filled["source"], filled["embedded"], filled["skipped"]) == (
+            "embedded now",
+            len(validation),
+            0,
+        )
+        assert "another model made them" in filled["note"]
+        assert db.load(other_id)[0].tobytes() != vectors.tobytes()
+
+
+def test_search_results_as_retrieval_results_and_figure(store):
+    model_id = store.register_model("m", "fp-1", DIM)
+    vectors, items = _items(20)
+    store.add(model_id, vectors, items)
+    results = store.search_stored([items["path"][0], items["path"][6]], model=model_id, k=3)
+    retrieval, shown = store_module.as_retrieval_results(results)
+    assert retrieval.query_ids.tolist() == [0, 1]
+    assert shown["path"].tolist()[:2] == [items["path"][0], items["path"][6]]
+    assert shown["path"].tolist()[2:] == results["path"].tolist()
+    assert retrieval.retrieved.tolist() == [[2, 3, 4], [5, 6, 7]]
+    expected = (results["label"] == results["query_label"]).to_numpy().reshape(2, 3)
+    assert retrieval.relevant.numpy().tolist() == expected.tolist()
+    np.testing.assert_array_equal(retrieval.distances.numpy().ravel(), results["distance"].to_numpy())
+    # a query of unknown label is relevant to nothing; vectors have no image unless paths are given
+    by_vector = store.search(vectors[:1] + 0.01, model=model_id, k=2)
+    with pytest.raises(StoreError, match="no query_path column"):
+        store_module.as_retrieval_results(by_vector)
+    retrieval, shown = store_module.as_retrieval_results(by_vector, query_paths=["/q.png"])
+    assert not retrieval.relevant.any() and shown["label"][0] == "new image"
+    assert retrieval.labels[0] not in retrieval.labels[1:]
