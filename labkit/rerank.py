@@ -1,0 +1,574 @@
+"""Second-stage retrieval: a pairwise re-ranker trained on hard pairs.
+
+- `mine_pairs`: the hardest positive and hardest negative pair of every anchor in a batch (or all pairs).
+- `PairwiseModel`: a timm backbone that sees both images of a pair at once (concatenated along the channel
+  axis, or stacked vertically as OML's ConcatSiamese does) and an MLP head giving one logit ("same label").
+- `PairwiseModule` / `train_pairwise`: Lightning training with BCE-with-logits on pairs mined with the
+  extractor's embeddings inside balanced batches; `RerankValidation` measures the re-ranked metrics per epoch.
+- `PairwiseReranker`: re-scores each query's top_n results with the pairwise model and returns a new
+  `RetrievalResults`, so metrics and drawings work unchanged.
+
+Query expansion and k-reciprocal re-ranking live in `labkit.query_expansion`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pandas as pd
+import timm
+import torch
+from timm.models import adapt_input_conv
+from torch import Tensor, nn
+
+CONCAT_MODES = ("channels", "height")
+
+
+# ----------------------------------------------------------------------------------------------- mining
+def mine_pairs(
+    embeddings: Tensor, labels: Tensor | Sequence[int], *, hard: bool = True
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pairs of batch positions for a pairwise model, as `(ids1, ids2, is_negative)`.
+
+    hard=True: for every anchor its hardest positive (the farthest item of the same label) and its hardest
+    negative (the closest item of another label), by Euclidean distance between `embeddings`; ties go to the
+    lowest position. hard=False: every pair of distinct items. Pairs are unordered and deduplicated
+    (`ids1 < ids2`), positives first, each group sorted by (ids1, ids2). Anchors without a positive (or
+    negative) in the batch contribute no such pair.
+    """
+    emb = torch.as_tensor(embeddings).detach().float()
+    labels = torch.as_tensor(np.asarray(labels)).to(emb.device)
+    if emb.ndim != 2 or labels.ndim != 1 or len(labels) != len(emb):
+        raise ValueError(
+            f"mine_pairs needs embeddings (N, D) and labels (N,); "
+            f"got {tuple(emb.shape)} and {tuple(labels.shape)}"
+        )
+    n = len(emb)
+    same = labels[:, None] == labels[None, :]
+    pos_mask = same & ~torch.eye(n, dtype=torch.bool, device=emb.device)
+    neg_mask = ~same
+    if hard:
+        dist = torch.cdist(emb[None], emb[None], compute_mode="donot_use_mm_for_euclid_dist")[0]
+        anchors = torch.arange(n, device=emb.device)
+        hardest_pos = dist.masked_fill(~pos_mask, -float("inf")).argmax(dim=1)
+        hardest_neg = dist.masked_fill(~neg_mask, float("inf")).argmin(dim=1)
+        has_pos, has_neg = pos_mask.any(dim=1), neg_mask.any(dim=1)
+        pos = (anchors[has_pos], hardest_pos[has_pos])
+        neg = (anchors[has_neg], hardest_neg[has_neg])
+    else:
+        upper = torch.ones(n, n, dtype=torch.bool, device=emb.device).triu(1)
+        pos = torch.nonzero(pos_mask & upper, as_tuple=True)
+        neg = torch.nonzero(neg_mask & upper, as_tuple=True)
+    pos1, pos2 = _unique_pairs(*pos, n)
+    neg1, neg2 = _unique_pairs(*neg, n)
+    is_negative = torch.cat(
+        [torch.zeros(len(pos1), dtype=torch.bool), torch.ones(len(neg1), dtype=torch.bool)]
+    )
+    return torch.cat([pos1, neg1]), torch.cat([pos2, neg2]), is_negative.to(emb.device)
+
+
+def _unique_pairs(a: Tensor, b: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Unordered pairs (a, b) deduplicated, as (low, high) sorted lexicographically."""
+    keys = torch.unique(torch.minimum(a, b) * n + torch.maximum(a, b))
+    return keys // n, keys % n
+
+
+# ------------------------------------------------------------------------------------------------ model
+class PairwiseModel(nn.Module):
+    """A pair classifier: backbone over both images at once + MLP head -> one logit (> 0: same label).
+
+    concat="channels" stacks the two RGB images into 6 channels; the first convolution is widened to 6
+    input channels (its 3-channel weights repeated and scaled by 1/2 with `timm.models.adapt_input_conv`, so a
+    pair of identical images gives the 3-channel response). concat="height" stacks them vertically, as
+    OML's ConcatSiamese does, and keeps the backbone unchanged. `freeze()` stops training the backbone
+    (kept in eval mode) so only the head learns.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        *,
+        hidden_dims: Sequence[int] = (256,),
+        dropout: float = 0.0,
+        concat: str = "channels",
+        freeze_backbone: bool = False,
+        data_config: dict | None = None,
+        backbone_kwargs: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if concat not in CONCAT_MODES:
+            raise ValueError(f"concat={concat!r} is not one of {CONCAT_MODES}")
+        self.backbone_name, self.concat = backbone, concat
+        in_chans = 6 if concat == "channels" else 3
+        try:
+            self.backbone = timm.create_model(
+                backbone, pretrained=False, num_classes=0, in_chans=in_chans, **(backbone_kwargs or {})
+            )
+        except RuntimeError as error:  # timm names unknown models in a RuntimeError
+            raise ValueError(f"backbone {backbone!r} cannot be built by timm: {error}") from error
+        dims = [self.backbone.num_features, *hidden_dims]
+        layers: list[nn.Module] = []
+        for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
+            layers += [nn.Linear(d_in, d_out), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+        self.head = nn.Sequential(*layers, nn.Linear(dims[-1], 1))
+        self.data_config = dict(data_config or timm.data.resolve_data_config({}, model=self.backbone))
+        if concat == "channels":  # the resolved config says 6 channels; images stay RGB
+            self.data_config["input_size"] = (3, *self.data_config["input_size"][1:])
+        self.config = {
+            "backbone": backbone,
+            "hidden_dims": list(hidden_dims),
+            "dropout": dropout,
+            "concat": concat,
+            "freeze_backbone": freeze_backbone,
+            "data_config": _plain(self.data_config),
+            "backbone_kwargs": dict(backbone_kwargs or {}),
+        }
+        self.train_backbone = True
+        if freeze_backbone:
+            self.freeze()
+
+    @classmethod
+    def from_extractor(cls, extractor: nn.Module, **kwargs: Any) -> PairwiseModel:
+        """A pairwise model whose backbone starts from a trained extractor's backbone weights.
+
+        `extractor` is a `labkit.models.Extractor` (uses its `backbone_name` and `data_config`); its timm
+        backbone is found in its state dict (any prefix), the first convolution adapted to the pair input.
+        """
+        name = getattr(extractor, "backbone_name", None)
+        if name is None:
+            raise ValueError(
+                "from_extractor needs a labkit Extractor (with `backbone_name`); got "
+                + type(extractor).__name__
+            )
+        kwargs.setdefault("data_config", getattr(extractor, "data_config", None))
+        image_size = getattr(extractor, "image_size", None)
+        cfg = timm.get_pretrained_cfg(name)
+        if image_size and cfg is not None and cfg.fixed_input_size:
+            kwargs.setdefault("backbone_kwargs", {"img_size": int(image_size)})
+        model = cls(name, **kwargs)
+        model.load_backbone_weights(extractor.state_dict())
+        return model
+
+    def load_backbone_weights(self, state_dict: dict[str, Tensor]) -> None:
+        """Load a 3-channel timm backbone's weights (found under any key prefix) into this backbone."""
+        target = self.backbone.state_dict()
+        prefix = _find_prefix(state_dict, target)
+        if prefix is None:
+            raise ValueError(
+                f"no {self.backbone_name} backbone weights in the given state dict (keys like "
+                f"{next(iter(state_dict), None)!r}); was the extractor built with another backbone?"
+            )
+        first = self.backbone.pretrained_cfg.get("first_conv")
+        loaded = {}
+        for key in target:
+            value = state_dict[prefix + key]
+            if first and key == f"{first}.weight" and value.shape != target[key].shape:
+                value = adapt_input_conv(target[key].shape[1], value)
+            loaded[key] = value
+        self.backbone.load_state_dict(loaded)
+
+    def freeze(self) -> None:
+        """Train the head only: backbone weights fixed, backbone in eval mode (batch-norm stats fixed)."""
+        self.train_backbone = False
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+
+    def unfreeze(self) -> None:
+        self.train_backbone = True
+        self.backbone.requires_grad_(True)
+        self.backbone.train(self.training)
+
+    def train(self, mode: bool = True) -> PairwiseModel:
+        super().train(mode)
+        if not self.train_backbone:
+            self.backbone.eval()
+        return self
+
+    def forward(self, images1: Tensor, images2: Tensor) -> Tensor:
+        """Logits (B,) that each pair (images1[i], images2[i]) shows the same label."""
+        x = torch.cat([images1, images2], dim=1 if self.concat == "channels" else 2)
+        with torch.set_grad_enabled(self.train_backbone and torch.is_grad_enabled()):
+            features = self.backbone(x)
+        return self.head(features).squeeze(-1)
+
+    def transforms(self, train: bool = False):
+        """The image transform for each image of a pair (`labkit.data.make_transforms` of `data_config`)."""
+        from labkit.data import make_transforms
+
+        return make_transforms(self.data_config, train=train)
+
+
+def _find_prefix(source: dict[str, Tensor], target: dict[str, Tensor]) -> str | None:
+    """The prefix p such that every target key k exists in source as p + k (shortest first)."""
+    probe = next(iter(target))
+    for key in sorted(source, key=len):
+        if key.endswith(probe):
+            prefix = key[: len(key) - len(probe)]
+            if all(prefix + k in source for k in target):
+                return prefix
+    return None
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def save_pairwise(model: PairwiseModel, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Save config + weights to `path`; refuses to replace an existing file unless overwrite=True."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it, or choose another path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {"kind": "labkit.PairwiseModel", "config": model.config, "state_dict": model.state_dict()}, path
+    )
+    return path
+
+
+def load_pairwise(path: str | os.PathLike) -> PairwiseModel:
+    """A `PairwiseModel` saved by `save_pairwise`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no pairwise model at {path}; train one with labkit.rerank.train_pairwise")
+    data = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(data, dict) or data.get("kind") != "labkit.PairwiseModel":
+        raise ValueError(f"{path} is not a labkit pairwise model (saved by labkit.rerank.save_pairwise)")
+    config = dict(data["config"])
+    config["data_config"] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in config["data_config"].items()
+    }
+    model = PairwiseModel(config.pop("backbone"), **config)
+    model.load_state_dict(data["state_dict"])
+    return model
+
+
+# --------------------------------------------------------------------------------------------- re-ranker
+def _load_images(source: Any, ids: Tensor) -> Tensor:
+    """Images of items `ids` from a dataset (items with "input_tensors") or an (N, C, H, W) tensor."""
+    if isinstance(source, Tensor):
+        if source.ndim != 4:
+            raise ValueError(f"images must be a (N, C, H, W) tensor; got shape {tuple(source.shape)}")
+        return source[ids.to(source.device)]
+    items = [source[int(i)] for i in ids]
+    if not items or not isinstance(items[0], dict) or "input_tensors" not in items[0]:
+        raise ValueError(
+            "rerank needs a dataset whose items are dicts with 'input_tensors' (labkit.data.LabeledImages, "
+            "with the pairwise model's transform) or an (N, C, H, W) image tensor"
+        )
+    return torch.stack([item["input_tensors"] for item in items])
+
+
+class PairwiseReranker:
+    """Re-scores each query's first `top_n` results with a pairwise model.
+
+    The top_n items are sorted by the model's logit (highest first, ties keep their order) and placed before
+    the remaining results, whose order is unchanged; every item is kept. New distances: the model's
+    probability that the pair differs, 1 - sigmoid(logit), for the top_n; the rest keep their distances,
+    shifted up by the least amount that keeps each row ascending. After `rerank`, `pairs_scored` and
+    `seconds` describe the last call.
+    """
+
+    def __init__(
+        self, top_n: int, model: nn.Module, *, batch_size: int = 64, device: str | torch.device = "cpu"
+    ) -> None:
+        if int(top_n) < 1:
+            raise ValueError(f"top_n must be >= 1; got {top_n}")
+        self.top_n, self.model, self.batch_size, self.device = int(top_n), model, int(batch_size), device
+        self.pairs_scored = 0
+        self.seconds = 0.0
+
+    @torch.no_grad()
+    def score_pairs(self, images: Any, ids1: Tensor, ids2: Tensor, *, progress: bool = False) -> Tensor:
+        """Logits (P,) of the pairs (ids1[i], ids2[i]) of items of `images` (dataset or tensor), batched."""
+        from tqdm.auto import tqdm
+
+        was_training = self.model.training
+        self.model.eval().to(self.device)
+        logits = []
+        try:
+            starts = range(0, len(ids1), self.batch_size)
+            for start in tqdm(starts, desc="pairs", disable=not progress, leave=False):
+                a, b = ids1[start : start + self.batch_size], ids2[start : start + self.batch_size]
+                unique, inverse = torch.unique(torch.cat([a, b]), return_inverse=True)
+                batch = _load_images(images, unique).to(self.device)
+                out = self.model(batch[inverse[: len(a)]], batch[inverse[len(a) :]])
+                logits.append(out.float().cpu())
+        finally:
+            self.model.train(was_training)
+        return torch.cat(logits) if logits else torch.zeros(0)
+
+    def rerank(self, results, dataset_or_images: Any, *, progress: bool = False):
+        """`results` (a `labkit.retrieval.RetrievalResults`) with each query's top_n re-ordered by the model.
+
+        `dataset_or_images`: a dataset whose item i is item id i of the results (items with
+        "input_tensors", transformed for the model) or an (N, C, H, W) tensor."""
+        started = time.perf_counter()
+        retrieved, distances = results.retrieved, results.distances
+        n = min(self.top_n, retrieved.shape[1])
+        top = retrieved[:, :n]
+        valid = top >= 0
+        queries = results.query_ids[:, None].expand_as(top)
+        logits = torch.full(top.shape, -float("inf"))
+        logits[valid] = self.score_pairs(dataset_or_images, queries[valid], top[valid], progress=progress)
+        order = torch.argsort(-logits, dim=1, stable=True)  # padding (-inf) stays last
+        new_top = top.gather(1, order)
+        new_top_dist = torch.where(valid.gather(1, order), torch.sigmoid(-logits.gather(1, order)), torch.inf)
+        rest, rest_dist = retrieved[:, n:], distances[:, n:].float()
+        if rest.shape[1]:
+            top_max = torch.where(torch.isfinite(new_top_dist), new_top_dist, -torch.inf).amax(dim=1)
+            shift = (top_max - rest_dist[:, 0]).clamp(min=0).nan_to_num(0.0, posinf=0.0, neginf=0.0)
+            rest_dist = rest_dist + shift[:, None]
+        self.pairs_scored = int(valid.sum())
+        self.seconds = time.perf_counter() - started
+        new_dist = torch.cat([new_top_dist, rest_dist], dim=1).to(distances.dtype)
+        return results.reordered(torch.cat([new_top, rest], dim=1), new_dist)
+
+
+# ------------------------------------------------------------------------------------------------ training
+class PairwiseModule(L.LightningModule):
+    """Lightning module: pairs mined with a frozen extractor inside each batch, BCE-with-logits on the pair
+    model's logits (target 1 = same label). Each pair's image order is swapped at random (`swap_prob`), as
+    the channel-concatenating model is not symmetric. Logs `train_loss` (per step and epoch) and `pairs`."""
+
+    def __init__(
+        self,
+        model: PairwiseModel,
+        extractor: nn.Module,
+        *,
+        lr: float = 3e-4,
+        weight_decay: float = 1e-4,
+        hard: bool = True,
+        swap_prob: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.extractor = extractor.eval().requires_grad_(False)
+        self.lr, self.weight_decay, self.hard, self.swap_prob = lr, weight_decay, hard, swap_prob
+        self.loss_fn = nn.BCEWithLogitsLoss()
+        self.loss_history: list[dict[str, float]] = []  # {"epoch", "loss", "pairs"} per finished epoch
+        self._loss_sum, self._pairs, self._steps = 0.0, 0, 0
+
+    def epoch_loss(self) -> float:
+        """Mean training loss of the current epoch so far (NaN before any step)."""
+        return self._loss_sum / self._steps if self._steps else float("nan")
+
+    def on_train_epoch_start(self) -> None:
+        self._loss_sum, self._pairs, self._steps = 0.0, 0, 0
+
+    def on_train_epoch_end(self) -> None:
+        epoch = self.current_epoch + 1
+        self.loss_history.append({"epoch": epoch, "loss": self.epoch_loss(), "pairs": self._pairs})
+
+    def train(self, mode: bool = True) -> PairwiseModule:
+        super().train(mode)
+        self.extractor.eval()  # mining embeddings never use batch statistics
+        return self
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        images, labels = batch["input_tensors"], batch["labels"]
+        with torch.no_grad():
+            embeddings = self.extractor(images)
+        ids1, ids2, is_negative = mine_pairs(embeddings, labels, hard=self.hard)
+        swap = torch.rand(len(ids1), device=ids1.device) < self.swap_prob
+        ids1, ids2 = torch.where(swap, ids2, ids1), torch.where(swap, ids1, ids2)
+        logits = self.model(images[ids1], images[ids2])
+        loss = self.loss_fn(logits, (~is_negative).float())
+        self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(ids1))
+        self._loss_sum, self._pairs, self._steps = (
+            self._loss_sum + float(loss.detach()),
+            self._pairs + len(ids1),
+            self._steps + 1,
+        )
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+
+
+def select_queries(results, positions: Sequence[int] | Tensor | np.ndarray):
+    """The `RetrievalResults` of the queries at `positions` (rows of `results`), same items and labels."""
+    from labkit.retrieval import RetrievalResults
+
+    rows = torch.as_tensor(np.asarray(positions), dtype=torch.int64).to(results.retrieved.device)
+    return RetrievalResults(
+        distances=results.distances[rows],
+        retrieved=results.retrieved[rows],
+        query_ids=results.query_ids[rows],
+        relevant=results.relevant[rows],
+        n_relevant=results.n_relevant[rows],
+        labels=results.labels,
+    )
+
+
+class RerankValidation(L.Callback):
+    """Re-ranks fixed validation results with the model in training and records the metrics.
+
+    Epoch 0 (before training) holds the metrics of `results` as they are; then after every
+    `every_n_epochs` epochs (and the last) the re-ranked metrics, logged as `val/<metric>` and kept in
+    `history` (dicts: epoch, metric columns). `max_queries` re-ranks a fixed random subset of the queries
+    (seeded) to keep validation cheap; None uses them all.
+    """
+
+    def __init__(
+        self,
+        results,
+        dataset: Any,
+        *,
+        top_n: int = 5,
+        batch_size: int = 64,
+        every_n_epochs: int = 1,
+        max_queries: int | None = None,
+        categories: Sequence[str] | None = None,
+        seed: int = 0,
+    ) -> None:
+        if max_queries is not None and max_queries < len(results):
+            rng = np.random.default_rng(seed)
+            results = select_queries(results, np.sort(rng.choice(len(results), max_queries, replace=False)))
+        self.results, self.dataset, self.top_n, self.batch_size = results, dataset, top_n, batch_size
+        self.every_n_epochs, self.categories = max(1, int(every_n_epochs)), categories
+        self.history: list[dict[str, float]] = []
+
+    def _flat(self, results) -> dict[str, float]:
+        from labkit.metrics import flatten_metrics, metrics_from_results
+
+        flat = flatten_metrics(metrics_from_results(results, categories=self.categories))
+        return {k: float(v) for k, v in flat.items() if not k.endswith(("n_queries", "n_skipped"))}
+
+    def measure(self, model: nn.Module, device: Any = "cpu") -> dict[str, float]:
+        """Metrics of the validation results re-ranked by `model` now."""
+        reranker = PairwiseReranker(self.top_n, model, batch_size=self.batch_size, device=device)
+        return self._flat(reranker.rerank(self.results, self.dataset))
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not any(row["epoch"] == 0 for row in self.history):
+            self.history.append({"epoch": 0, **self._flat(self.results)})
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        epoch = trainer.current_epoch + 1
+        if epoch % self.every_n_epochs and epoch != trainer.max_epochs:
+            return
+        values = self.measure(pl_module.model, pl_module.device)
+        self.history.append({"epoch": epoch, **values})
+        pl_module.log_dict({f"val/{k}": v for k, v in values.items()}, on_step=False, on_epoch=True)
+
+
+class _RepeatedBatches(torch.utils.data.Sampler):
+    """A batch sampler chaining `repeats` passes of another (more steps per Lightning epoch)."""
+
+    def __init__(self, sampler: torch.utils.data.Sampler, repeats: int) -> None:
+        self.sampler, self.repeats = sampler, max(1, int(repeats))
+
+    def __len__(self) -> int:
+        return len(self.sampler) * self.repeats
+
+    def __iter__(self):
+        for _ in range(self.repeats):
+            yield from self.sampler
+
+
+def train_pairwise(
+    model: PairwiseModel,
+    extractor: nn.Module,
+    train_data: torch.utils.data.Dataset,
+    *,
+    epochs: int = 2,
+    n_labels: int = 8,
+    n_instances: int = 4,
+    passes_per_epoch: int = 1,
+    lr: float = 3e-4,
+    weight_decay: float = 1e-4,
+    hard: bool = True,
+    val_results=None,
+    val_data: Any = None,
+    top_n: int = 5,
+    every_n_epochs: int = 1,
+    val_max_queries: int | None = None,
+    val_batch_size: int = 64,
+    categories: Sequence[str] | None = None,
+    out_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    accelerator: str = "auto",
+    num_workers: int = 0,
+    progress: bool = True,
+    max_steps: int | None = None,
+) -> tuple[PairwiseModel, pd.DataFrame]:
+    """Train `model` in place on pairs mined by `extractor` in balanced batches; return it and its history.
+
+    `train_data` is a `labkit.data.LabeledImages` whose transform suits both the extractor and the pair
+    model. One epoch = `passes_per_epoch` passes of `labkit.samplers.BalancedBatchSampler(n_labels,
+    n_instances)`; `max_steps` (None = no limit) stops earlier. With `val_results` (the extractor's
+    `RetrievalResults` on the validation set) and `val_data` (its dataset or images, same item ids), a
+    `RerankValidation` callback measures the metrics re-ranked by the model (top_n; `val_max_queries`
+    queries at most) after every `every_n_epochs` epochs. `out_dir` receives Lightning's CSV log
+    (`out_dir/logs/metrics.csv`). History: one row per epoch (0 = before training): `epoch`, `loss` (mean
+    BCE), `pairs` (pairs trained on), and the flattened validation metrics ("cmc@1", ...) where measured.
+    """
+    from labkit.samplers import BalancedBatchSampler
+    from labkit.training import _quiet_lightning
+
+    if epochs < 1:
+        raise ValueError(f"epochs={epochs}: train at least 1 epoch")
+    labels = getattr(train_data, "labels", None)
+    if labels is None:
+        raise ValueError("train_data needs a `labels` array (a labkit.data.LabeledImages)")
+    if val_results is not None and val_data is None:
+        raise ValueError("val_results given without val_data (the images those results refer to)")
+    L.seed_everything(seed, workers=True, verbose=False)
+    sampler = BalancedBatchSampler(labels, n_labels, n_instances, seed=seed)
+    loader = torch.utils.data.DataLoader(
+        train_data, batch_sampler=_RepeatedBatches(sampler, passes_per_epoch), num_workers=num_workers
+    )
+    module = PairwiseModule(model, extractor, lr=lr, weight_decay=weight_decay, hard=hard)
+    validation = None
+    if val_results is not None:
+        validation = RerankValidation(
+            val_results,
+            val_data,
+            top_n=top_n,
+            batch_size=val_batch_size,
+            every_n_epochs=every_n_epochs,
+            max_queries=val_max_queries,
+            categories=categories,
+            seed=seed,
+        )
+    logger: Any = False
+    if out_dir is not None:
+        from lightning.pytorch.loggers import CSVLogger
+
+        logger = CSVLogger(str(out_dir), name="logs", version="")
+    with _quiet_lightning(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the frozen extractor
+        trainer = L.Trainer(
+            max_epochs=epochs,
+            max_steps=-1 if max_steps is None or max_steps < 0 else int(max_steps),
+            accelerator=accelerator,
+            devices=1,
+            logger=logger,
+            callbacks=[validation] if validation is not None else [],
+            enable_checkpointing=False,
+            enable_progress_bar=progress,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            limit_val_batches=0,
+            log_every_n_steps=1,
+            default_root_dir=str(out_dir) if out_dir is not None else None,
+        )
+        trainer.fit(module, loader)
+    model.cpu().eval()
+    extractor.cpu()
+    history = pd.DataFrame([{"epoch": 0, "loss": float("nan"), "pairs": 0}, *module.loss_history])
+    if validation is not None and validation.history:
+        history = history.merge(pd.DataFrame(validation.history), on="epoch", how="left")
+    return model, history

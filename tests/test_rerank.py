@@ -1,0 +1,247 @@
+"""Pair mining, the pairwise model, its training and the pairwise re-ranker."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from labkit.rerank import (
+    PairwiseModel,
+    PairwiseReranker,
+    load_pairwise,
+    mine_pairs,
+    save_pairwise,
+    select_queries,
+    train_pairwise,
+)
+from labkit.retrieval import RetrievalResults, retrieve
+
+
+# ------------------------------------------------------------------------------------------------- mining
+def test_mine_pairs_hardest_positive_and_negative_of_a_hand_built_batch():
+    # 1-d embeddings: label 0 at 0, 1, 3 and label 1 at 5, 6
+    emb = torch.tensor([[0.0], [1.0], [5.0], [6.0], [3.0]])
+    ids1, ids2, is_negative = mine_pairs(emb, [0, 0, 1, 1, 0])
+    pairs = list(zip(ids1.tolist(), ids2.tolist(), is_negative.tolist(), strict=True))
+    # farthest same-label item: 0->4, 1->4, 2->3, 3->2, 4->0 ; closest other-label item: 0->2, 1->2, 2->4,
+    # 3->4, 4->2 ; unordered pairs deduplicated, positives first
+    assert pairs == [
+        (0, 4, False),
+        (1, 4, False),
+        (2, 3, False),
+        (0, 2, True),
+        (1, 2, True),
+        (2, 4, True),
+        (3, 4, True),
+    ]
+
+
+def test_mine_pairs_all_pairs_and_lonely_anchors():
+    emb = torch.zeros(5, 2)
+    ids1, ids2, is_negative = mine_pairs(emb, torch.tensor([7, 7, 3, 3, 9]), hard=False)
+    positives = {
+        (a, b) for a, b, n in zip(ids1.tolist(), ids2.tolist(), is_negative.tolist(), strict=True) if not n
+    }
+    negatives = {
+        (a, b) for a, b, n in zip(ids1.tolist(), ids2.tolist(), is_negative.tolist(), strict=True) if n
+    }
+    assert positives == {(0, 1), (2, 3)}
+    assert negatives == {(0, 2), (0, 3), (0, 4), (1, 2), (1, 3), (1, 4), (2, 4), (3, 4)}
+    # hard mining: item 4 (label 9) has no positive, so no positive pair names it; ties go to the lowest id
+    ids1, ids2, is_negative = mine_pairs(emb, [7, 7, 3, 3, 9])
+    assert not any(
+        4 in (a, b)
+        for a, b, n in zip(ids1.tolist(), ids2.tolist(), is_negative.tolist(), strict=True)
+        if not n
+    )
+    assert sorted(zip(ids1[is_negative].tolist(), ids2[is_negative].tolist(), strict=True)) == [
+        (0, 2),
+        (0, 3),
+        (0, 4),
+        (1, 2),
+    ]
+
+
+def test_mine_pairs_rejects_mismatched_inputs():
+    with pytest.raises(ValueError, match="labels"):
+        mine_pairs(torch.zeros(4, 3), [0, 1, 2])
+
+
+# -------------------------------------------------------------------------------------------------- model
+def _tiny_extractor():
+    from labkit.models import create_extractor
+
+    torch.manual_seed(0)
+    return create_extractor("resnet10t", image_size=32)
+
+
+def test_pairwise_model_starts_from_the_extractor_backbone():
+    extractor = _tiny_extractor().eval()
+    model = PairwiseModel.from_extractor(extractor, hidden_dims=(8,)).eval()
+    images = torch.rand(2, 3, 32, 32)
+    # the widened first convolution answers a pair of identical images as the extractor answers one image
+    first = extractor.backbone.pretrained_cfg["first_conv"]
+    conv6 = model.backbone.get_submodule(first)
+    conv3 = extractor.backbone.get_submodule(first)
+    assert conv6.weight.shape[1] == 6
+    torch.testing.assert_close(conv6(torch.cat([images, images], 1)), conv3(images), atol=1e-5, rtol=1e-4)
+    # every other backbone weight is the extractor's
+    theirs = extractor.backbone.state_dict()
+    for key, value in model.backbone.state_dict().items():
+        if key != f"{first}.weight":
+            assert torch.equal(value, theirs[key]), key
+    assert model(images, images).shape == (2,)
+    stacked = PairwiseModel.from_extractor(extractor, hidden_dims=(8,), concat="height").eval()
+    assert torch.equal(stacked.backbone.get_submodule(first).weight, conv3.weight)
+    assert stacked(images, images).shape == (2,)
+
+
+def test_frozen_backbone_gets_no_gradient_and_keeps_its_batchnorm_statistics():
+    model = PairwiseModel("resnet10t", hidden_dims=(8,), freeze_backbone=True)
+    model.train()
+    assert not model.backbone.training and model.head.training
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    model(torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)).sum().backward()
+    assert all(p.grad is None for p in model.backbone.parameters())
+    assert all(p.grad is not None for p in model.head.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.backbone.state_dict().items())
+    model.unfreeze()
+    assert model.backbone.training and all(p.requires_grad for p in model.backbone.parameters())
+
+
+def test_pairwise_model_save_and_load_round_trip(tmp_path):
+    model = PairwiseModel("resnet10t", hidden_dims=(8,)).eval()
+    path = save_pairwise(model, tmp_path / "pairwise.pt")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_pairwise(model, path)
+    loaded = load_pairwise(path).eval()
+    x1, x2 = torch.rand(3, 3, 32, 32), torch.rand(3, 3, 32, 32)
+    assert torch.equal(loaded(x1, x2), model(x1, x2))
+    assert loaded.config == model.config
+
+
+# ---------------------------------------------------------------------------------------------- re-ranker
+class ProductScorer(nn.Module):
+    """A stand-in pairwise model: logit = product of the two one-pixel "images"."""
+
+    def forward(self, images1: torch.Tensor, images2: torch.Tensor) -> torch.Tensor:
+        return (images1 * images2).flatten(1).sum(1)
+
+
+def _random_results(rng: np.random.Generator, n_queries: int, k: int, n_items: int) -> RetrievalResults:
+    labels = torch.from_numpy(rng.integers(0, 3, n_items))
+    query_ids = torch.from_numpy(rng.integers(0, n_items, n_queries))
+    retrieved = torch.full((n_queries, k), -1)
+    distances = torch.full((n_queries, k), float("inf"))
+    for row in range(n_queries):
+        n_valid = int(rng.integers(0, min(k, n_items) + 1))
+        retrieved[row, :n_valid] = torch.from_numpy(rng.choice(n_items, n_valid, replace=False))
+        distances[row, :n_valid] = torch.from_numpy(np.sort(rng.random(n_valid)).astype(np.float32))
+    relevant = (labels[retrieved.clamp(min=0)] == labels[query_ids][:, None]) & (retrieved >= 0)
+    return RetrievalResults(distances, retrieved, query_ids, relevant, relevant.sum(1), labels)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    n_queries=st.integers(1, 6),
+    k=st.integers(1, 8),
+    n_items=st.integers(1, 15),
+    top_n=st.integers(1, 10),
+)
+def test_rerank_only_reorders_inside_top_n_and_keeps_every_item(seed, n_queries, k, n_items, top_n):
+    rng = np.random.default_rng(seed)
+    results = _random_results(rng, n_queries, k, n_items)
+    images = torch.from_numpy(rng.normal(size=(n_items, 1, 1, 1)).astype(np.float32))
+    reranker = PairwiseReranker(top_n, ProductScorer(), batch_size=4)
+    out = reranker.rerank(results, images)
+    n = min(top_n, k)
+    old, new = results.retrieved, out.retrieved
+    assert torch.equal(new[:, n:], old[:, n:])  # the rest keeps its order
+    assert torch.equal(new.sort(dim=1).values, old.sort(dim=1).values)  # every item (and padding) kept
+    assert torch.equal(new[:, :n].sort(dim=1).values, old[:, :n].sort(dim=1).values)
+    assert torch.equal(out.query_ids, results.query_ids) and torch.equal(out.n_relevant, results.n_relevant)
+    assert torch.equal(
+        out.relevant, (out.labels[new.clamp(min=0)] == out.labels[out.query_ids][:, None]) & (new >= 0)
+    )
+    assert bool((out.distances[:, 1:] >= out.distances[:, :-1]).all())
+    assert torch.equal(torch.isinf(out.distances), new < 0)
+    # inside the top_n the model's logits descend
+    logits = (
+        images.flatten()[new[:, :n].clamp(min=0)] * images.flatten()[out.query_ids][:, None]
+    ).masked_fill(new[:, :n] < 0, -float("inf"))
+    assert bool((logits[:, 1:] <= logits[:, :-1]).all())
+    assert reranker.pairs_scored == int((old[:, :n] >= 0).sum())
+
+
+def test_rerank_hand_case_orders_by_logit_and_shifts_the_rest():
+    labels = torch.tensor([0, 0, 1, 0, 1])
+    results = RetrievalResults(
+        distances=torch.tensor([[0.1, 0.2, 0.3, 0.4]]),
+        retrieved=torch.tensor([[2, 1, 3, 4]]),
+        query_ids=torch.tensor([0]),
+        relevant=torch.tensor([[False, True, True, False]]),
+        n_relevant=torch.tensor([2]),
+        labels=labels,
+    )
+    images = torch.tensor([1.0, 2.0, -1.0, 0.5, 3.0]).view(5, 1, 1, 1)  # logits with item 0: -1, 2, 0.5
+    out = PairwiseReranker(3, ProductScorer()).rerank(results, images)
+    assert out.retrieved.tolist() == [[1, 3, 2, 4]]
+    assert out.relevant.tolist() == [[True, True, False, False]]
+    expected_top = torch.sigmoid(-torch.tensor([2.0, 0.5, -1.0]))
+    torch.testing.assert_close(out.distances[0, :3], expected_top)
+    # 0.4 is below the new top's largest distance sigmoid(1) = 0.731: shifted just enough
+    torch.testing.assert_close(out.distances[0, 3], expected_top[2])
+
+
+def test_rerank_with_a_dataset_and_metrics(figures_df):
+    from labkit.data import validation_dataset
+    from labkit.metrics import metrics_from_results
+
+    extractor = _tiny_extractor().eval()
+    dataset = validation_dataset(figures_df, extractor.transforms())
+    images = torch.stack([dataset[i]["input_tensors"] for i in range(len(dataset))])
+    with torch.no_grad():
+        emb = extractor(images)
+    results = retrieve(emb, dataset.labels, dataset.is_query, dataset.is_gallery, k=6)
+    model = PairwiseModel.from_extractor(extractor, hidden_dims=(8,))
+    from_dataset = PairwiseReranker(4, model, batch_size=16).rerank(results, dataset)
+    from_tensor = PairwiseReranker(4, model, batch_size=7).rerank(results, images)
+    assert torch.equal(from_dataset.retrieved, from_tensor.retrieved)
+    metrics = metrics_from_results(from_dataset)
+    assert metrics["overall"]["n_queries"] == len(results)
+    half = select_queries(results, [0, 2])
+    assert torch.equal(half.retrieved, results.retrieved[[0, 2]]) and len(half) == 2
+
+
+# --------------------------------------------------------------------------------------------------- training
+def test_training_on_mined_pairs_reduces_the_bce_loss(figures_df, tmp_path):
+    from labkit.data import train_dataset
+
+    extractor = _tiny_extractor()
+    data = train_dataset(figures_df, extractor.transforms(train=False))  # no augmentation: same pairs
+    n_labels, counts = np.unique(data.labels, return_counts=True)
+    torch.manual_seed(0)
+    model = PairwiseModel.from_extractor(extractor, hidden_dims=(16,))
+    # every batch holds every image, so every epoch mines the same hard pairs from the frozen extractor
+    model, history = train_pairwise(
+        model,
+        extractor,
+        data,
+        epochs=4,
+        n_labels=len(n_labels),
+        n_instances=int(counts.min()),
+        lr=1e-3,
+        progress=False,
+        accelerator="cpu",
+        out_dir=tmp_path,
+    )
+    assert list(history["epoch"]) == [0, 1, 2, 3, 4]
+    assert history["pairs"].iloc[1:].nunique() == 1 and history["pairs"].iloc[1] > 0
+    assert history["loss"].iloc[-1] < history["loss"].iloc[1]
+    assert (tmp_path / "logs" / "metrics.csv").is_file()
+    assert not model.training
