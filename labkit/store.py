@@ -911,7 +911,9 @@ def open_store_for(
         raise
 
 
-def _saved_embeddings_problem(saved: Any, validation: pd.DataFrame, extractor: Any, check_rows: int) -> str:
+def _saved_embeddings_problem(
+    saved: Any, validation: pd.DataFrame, extractor: Any, check_rows: int, device: str
+) -> str:
     """Why `saved` (a validation_embeddings.pt payload) cannot stand for `extractor`, or "" when it can."""
     from labkit.data import LabeledImages
     from labkit.models import embed
@@ -926,7 +928,8 @@ def _saved_embeddings_problem(saved: Any, validation: pd.DataFrame, extractor: A
             f"its vectors have shape {vectors.shape}, the extractor makes {extractor.embedding_size} values"
         )
     rows = validation.iloc[:check_rows]
-    fresh = embed(extractor, LabeledImages(rows, extractor.transforms(train=False)), progress=False).numpy()
+    dataset = LabeledImages(rows, extractor.transforms(train=False))
+    fresh = embed(extractor, dataset, device=device, progress=False).numpy()
     if not np.allclose(fresh, vectors[: len(rows)], rtol=1e-3, atol=1e-4):
         return "this extractor embeds its first images differently (another model made them)"
     return ""
@@ -939,6 +942,7 @@ def fill_from_run(
     dataset_df: pd.DataFrame,
     *,
     batch_size: int = 64,
+    device: str = "cpu",
     check_rows: int = 4,
 ) -> dict[str, Any]:
     """Store the validation images of `dataset_df` for `extractor`.
@@ -957,13 +961,13 @@ def fill_from_run(
     note = f"no {saved_path.name} in the run folder"
     if saved_path.is_file():
         saved = torch.load(saved_path, map_location="cpu", weights_only=True)
-        problem = _saved_embeddings_problem(saved, validation, extractor, check_rows)
+        problem = _saved_embeddings_problem(saved, validation, extractor, check_rows, device)
         if not problem:
             model_id = _register(store, extractor)
             counts = store.add(model_id, saved["embeddings"], _with_file_stamps(validation))
             return {"model_id": model_id, "source": saved_path.name, "note": "", **counts}
         note = f"{saved_path.name} not used: {problem}"
-    counts = embed_dataset_cached(store, extractor, validation, batch_size=batch_size)
+    counts = embed_dataset_cached(store, extractor, validation, batch_size=batch_size, device=device)
     return {**counts, "source": "embedded now", "note": note}
 
 
