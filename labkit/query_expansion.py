@@ -34,7 +34,7 @@ def _as_tensor_2d(embeddings) -> Tensor:
 
 
 def _as_mask(values, n: int, name: str) -> Tensor:
-    mask = torch.as_tensor(np.asarray(values, dtype=bool))
+    mask = torch.from_numpy(np.array(values, dtype=bool))
     if mask.shape != (n,):
         raise ValueError(
             f"{name} must be a boolean vector of length {n} (one per embedding); got {tuple(mask.shape)}"

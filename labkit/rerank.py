@@ -113,6 +113,10 @@ class PairwiseModel(nn.Module):
             )
         except RuntimeError as error:  # timm names unknown models in a RuntimeError
             raise ValueError(f"backbone {backbone!r} cannot be built by timm: {error}") from error
+        if isinstance(hidden_dims, str) or not all(isinstance(d, int) and d > 0 for d in hidden_dims):
+            raise ValueError(
+                f"hidden_dims must be a list of positive integers, e.g. [256]; got {hidden_dims!r}"
+            )
         dims = [self.backbone.num_features, *hidden_dims]
         layers: list[nn.Module] = []
         for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
@@ -572,3 +576,59 @@ def train_pairwise(
     if validation is not None and validation.history:
         history = history.merge(pd.DataFrame(validation.history), on="epoch", how="left")
     return model, history
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+def ranking_changes(before, after, k: int) -> Tensor:
+    """(Q,) how many of the first `k` positions hold another item in `after` than in `before`."""
+    if not torch.equal(before.query_ids, after.query_ids):
+        raise ValueError("ranking_changes needs results of the same queries in the same order")
+    k = min(k, before.retrieved.shape[1], after.retrieved.shape[1])
+    return (before.retrieved[:, :k] != after.retrieved[:, :k]).sum(dim=1)
+
+
+def most_changed_query(before, after, *, k: int = 5, metric: str = "map@5") -> int:
+    """Position of the query whose first `k` results changed most (ties: largest change of `metric`,
+    then the first such query)."""
+    from labkit.metrics import metrics_from_results
+
+    name, _, at = metric.partition("@")
+    if name not in ("cmc", "precision", "map") or not at.isdigit():
+        raise ValueError(f"metric must look like 'map@5', 'cmc@1' or 'precision@5'; got {metric!r}")
+    per_query = [
+        metrics_from_results(r, **{f"{name}_k": (int(at),)}, reduce=False)["overall"][name][int(at)]
+        for r in (before, after)
+    ]
+    delta = (per_query[1] - per_query[0]).abs().nan_to_num(0.0)
+    changes = ranking_changes(before, after, k).double()
+    return int(torch.argmax(changes * 2 + delta.double() / (delta.max().double() + 1)))
+
+
+def method_summary(
+    results,
+    *,
+    seconds: float,
+    pairs_scored: int = 0,
+    columns: Sequence[str] = ("cmc@1", "precision@5", "map@5"),
+    categories: Sequence[str] | None = None,
+) -> dict[str, float]:
+    """One row of a comparison table: the flattened metrics named by `columns`, `seconds`, `pairs_scored`."""
+    from labkit.metrics import flatten_metrics, metrics_from_results
+
+    wanted: dict[str, set[int]] = {"cmc": set(), "precision": set(), "map": set()}
+    for column in columns:
+        name, _, at = column.rpartition("/")[2].partition("@")
+        if name not in wanted or not at.isdigit():
+            raise ValueError(f"column {column!r} is not a cmc@k, precision@k or map@k metric")
+        wanted[name].add(int(at))
+    m = metrics_from_results(
+        results,
+        categories=categories,
+        **{f"{name}_k": tuple(sorted(ks)) or (1,) for name, ks in wanted.items()},
+    )
+    flat = flatten_metrics(m)
+    return {
+        **{c: float(flat[c]) for c in columns},
+        "seconds": float(seconds),
+        "pairs_scored": int(pairs_scored),
+    }
