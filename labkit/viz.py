@@ -117,6 +117,13 @@ def shorten(text: Any, width: int = LABEL_CHARS) -> str:
     return text[:head] + "\u2026" + (text[-tail:] if tail else "")
 
 
+def natural_key(value: Any) -> tuple:
+    """Sort key putting "label 2" before "label 10" (numbers inside strings compare as numbers)."""
+    return tuple(
+        (0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", str(value))
+    )
+
+
 def pca_2d(embeddings: Any) -> tuple[np.ndarray, np.ndarray]:
     """Project embeddings (N, D) on their first two principal components.
 
@@ -282,7 +289,7 @@ def show_grid(
     if "path" not in df.columns or "label" not in df.columns:
         raise ValueError(f"show_grid needs 'path' and 'label' columns; the DataFrame has {list(df.columns)}")
     rng = np.random.default_rng(seed)
-    names = np.array(sorted(df["label"].unique(), key=str), dtype=object)
+    names = np.array(sorted(df["label"].unique(), key=natural_key), dtype=object)
     if len(names) == 0:
         raise ValueError("show_grid got an empty DataFrame")
     chosen = names[np.sort(rng.choice(len(names), size=min(n_labels, len(names)), replace=False))]
@@ -322,7 +329,7 @@ def plot_embeddings_2d(
     labels_arr = np.asarray(_as_numpy(labels, "labels"), dtype=object)
     if len(labels_arr) != len(coords):
         raise ValueError(f"labels has {len(labels_arr)} values for {len(coords)} embeddings")
-    names = sorted(pd.unique(labels_arr), key=str)
+    names = sorted(pd.unique(labels_arr), key=natural_key)
     palette = colormaps["tab10" if len(names) <= 10 else "tab20"]
     markers = "os^Dv<>ph*"
     size = point_size if point_size is not None else float(np.clip(4000 / len(coords), 4, 40))
@@ -392,7 +399,7 @@ def plot_distance_histograms(
     lo, hi = float(both.min()), float(both.max())
     n_bins = int(np.clip(np.sqrt(len(both)), 10, bins))  # few distances: fewer, fuller bins
     edges = np.linspace(lo, hi if hi > lo else lo + 1.0, n_bins + 1)
-    fig = Figure(figsize=(6.4, 3.8), layout="constrained")
+    fig = Figure(figsize=(6.4, 4.3), layout="constrained")
     ax = fig.add_subplot()
     for values, color, name in (
         (pos, POSITIVE_COLOR, "positive (same label)"),
@@ -400,12 +407,14 @@ def plot_distance_histograms(
     ):
         if len(values) == 0:
             continue
-        ax.hist(values, bins=edges, density=True, color=color, alpha=0.45, label=f"{name}, n={len(values):,}")
-        ax.axvline(float(np.median(values)), color=color, linestyle="--", linewidth=1.5)
-    ax.set_xlabel("Euclidean distance (dashed: median)")
+        median = float(np.median(values))
+        label = f"{name}: n={len(values):,}, median {median:.3g}"
+        ax.hist(values, bins=edges, density=True, color=color, alpha=0.45, label=label)
+        ax.axvline(median, color=color, linestyle="--", linewidth=1.5)
+    ax.set_xlabel("Euclidean distance (dashed lines: medians)")
     ax.set_ylabel("density")
     ax.set_title(title if title is not None else default_title)
-    ax.legend(loc="upper right", fontsize=9)
+    fig.legend(loc="outside lower center", fontsize=9, frameon=False)  # under the axes, never on the bars
     return fig
 
 
@@ -525,8 +534,11 @@ def _draw_rows(
     items = items_frame(df_or_paths, int(results.labels.numel()))
     names = display_labels(items, results, labels)
     metric_lines = len(metrics) if metrics else 0
-    row_height = 2.2 + 0.17 * metric_lines
-    fig = Figure(figsize=(1.5 * (k + 1) + 0.5, row_height * len(positions) + 0.45), layout="constrained")
+    width = 1.5 * (k + 1) + 0.5
+    image_side = (width - 0.35) / (k + 1.12)  # the width ratios below, less the margins
+    caption_lines = 1 + max(1, metric_lines)  # label, then the distance or the query's metrics
+    row_height = image_side + 0.3 + 0.15 * caption_lines + 0.2
+    fig = Figure(figsize=(width, row_height * len(positions) + 0.4), layout="constrained")
     fig.get_layout_engine().set(w_pad=0.05, h_pad=0.05, wspace=0.02, hspace=0.02)
     grid = fig.add_gridspec(len(positions), k + 2, width_ratios=[1.0, 0.12] + [1.0] * k)
     retrieved, distances = results.retrieved.cpu(), results.distances.cpu()

@@ -70,7 +70,15 @@ def axes_by_gid(fig) -> dict[str, matplotlib.axes.Axes]:
 
 
 def visible_texts(fig) -> list[Text]:
-    return [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    """Titles, axis labels, captions and legends (tick labels are matplotlib's own business)."""
+    ticks = {
+        id(label)
+        for ax in fig.axes
+        for axis in (ax.xaxis, ax.yaxis)
+        for tick in axis.get_major_ticks() + axis.get_minor_ticks()
+        for label in (tick.label1, tick.label2)
+    }
+    return [t for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip() and id(t) not in ticks]
 
 
 # -- worst_queries ---------------------------------------------------------------------------------
@@ -97,6 +105,8 @@ def test_shorten_keeps_start_and_end():
     assert viz.shorten("short", 16) == "short"
     cut = viz.shorten("abcdefghijklmnopqrstuvwxyz", 10)
     assert len(cut) == 10 and cut.startswith("abcde") and cut.endswith("wxyz") and "\u2026" in cut
+    names = ["label 10", "label 2", "b", "label 1", "a"]
+    assert sorted(names, key=viz.natural_key) == ["a", "b", "label 1", "label 2", "label 10"]
 
 
 # -- retrieval grids -------------------------------------------------------------------------------
@@ -273,15 +283,16 @@ def test_plot_embeddings_2d_colours_by_label():
 def test_distance_histograms_from_results(hand_results):
     fig = viz.plot_distance_histograms(hand_results)
     (ax,) = fig.axes
-    legend = [t.get_text() for t in ax.get_legend().get_texts()]
-    n_pos = int(hand_results.relevant.sum())
-    n_neg = int(((hand_results.retrieved >= 0) & ~hand_results.relevant).sum())
-    assert legend == [f"positive (same label), n={n_pos}", f"negative (other label), n={n_neg}"]
-    assert (n_pos, n_neg) == (4, 7)
-    medians = sorted(line.get_xdata()[0] for line in ax.get_lines())
-    pos = hand_results.distances[hand_results.relevant]
-    neg = hand_results.distances[(hand_results.retrieved >= 0) & ~hand_results.relevant]
-    np.testing.assert_allclose(medians, sorted([float(np.median(pos)), float(np.median(neg))]), rtol=1e-6)
+    (legend,) = fig.legends
+    pos = hand_results.distances[hand_results.relevant].numpy()
+    neg = hand_results.distances[(hand_results.retrieved >= 0) & ~hand_results.relevant].numpy()
+    assert (len(pos), len(neg)) == (4, 7)
+    assert [t.get_text() for t in legend.get_texts()] == [
+        f"positive (same label): n=4, median {np.median(pos):.3g}",
+        f"negative (other label): n=7, median {np.median(neg):.3g}",
+    ]
+    medians = [line.get_xdata()[0] for line in ax.get_lines()]
+    np.testing.assert_allclose(medians, [np.median(pos), np.median(neg)], rtol=1e-6)
     for container in ax.containers:  # densities: each histogram integrates to 1
         area = sum(p.get_height() * p.get_width() for p in container.patches)
         assert area == pytest.approx(1.0)
@@ -332,8 +343,8 @@ def test_real_retrieval_and_per_query_metrics_drive_the_worst_queries(tmp_path):
 
 def test_distance_histograms_from_arrays_and_errors():
     fig = viz.plot_distance_histograms(positive=[0.1, 0.2, 0.3], negative=np.array([0.8, 0.9, np.inf]))
-    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert legend == ["positive (same label), n=3", "negative (other label), n=2"]
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["positive (same label): n=3, median 0.2", "negative (other label): n=2, median 0.85"]
     with pytest.raises(ValueError, match="both positive= and negative="):
         viz.plot_distance_histograms(positive=[0.1])
 
@@ -389,3 +400,20 @@ def test_figures_render_headless_to_png(tmp_path, hand_results, items):
         viz.save_figure(fig, path, overwrite=False)
     assert isinstance(fig, matplotlib.figure.Figure)
     assert all(isinstance(a, AxesImage) for ax in fig.axes for a in ax.get_images())
+
+
+def test_other_figures_have_no_overlapping_text():
+    rng = np.random.default_rng(4)
+    history = pd.DataFrame(
+        {"epoch": np.arange(6), "loss": [np.nan, *rng.random(5)]}
+        | {f"{name}@{k}": rng.random(6) for name in ("cmc", "precision", "map") for k in (1, 5, 10)}
+    )
+    figures = [
+        viz.plot_history(history),
+        viz.plot_embeddings_2d(
+            rng.normal(size=(80, 6)), [f"a rather long label {i % 16}" for i in range(80)]
+        ),
+        viz.plot_distance_histograms(positive=rng.random(50), negative=rng.random(500) + 0.5),
+    ]
+    for fig in figures:
+        assert _overlaps(fig, render(fig)) == []
