@@ -9,11 +9,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from labkit.metrics import flatten_metrics, metrics_from_results
 from labkit.rerank import (
     PairwiseModel,
     PairwiseReranker,
     load_pairwise,
+    method_summary,
     mine_pairs,
+    most_changed_query,
+    ranking_changes,
     save_pairwise,
     select_queries,
     train_pairwise,
@@ -245,3 +249,30 @@ def test_training_on_mined_pairs_reduces_the_bce_loss(figures_df, tmp_path):
     assert history["loss"].iloc[-1] < history["loss"].iloc[1]
     assert (tmp_path / "logs" / "metrics.csv").is_file()
     assert not model.training
+
+
+def test_reporting_helpers_on_hand_built_results():
+    labels = torch.tensor([0, 0, 1, 0, 1, 1])
+    before = RetrievalResults(
+        distances=torch.tensor([[0.1, 0.2, 0.3], [0.1, 0.2, 0.3]]),
+        retrieved=torch.tensor([[2, 1, 3], [0, 4, 1]]),
+        query_ids=torch.tensor([0, 5]),
+        relevant=torch.tensor([[False, True, True], [False, True, False]]),
+        n_relevant=torch.tensor([2, 2]),
+        labels=labels,
+    )
+    after = before.reordered(torch.tensor([[1, 3, 2], [0, 4, 1]]), before.distances)
+    assert ranking_changes(before, after, 3).tolist() == [3, 0]
+    assert ranking_changes(before, after, 1).tolist() == [1, 0]
+    assert most_changed_query(before, after, k=3) == 0
+    row = method_summary(after, seconds=1.5, pairs_scored=6)
+    flat = flatten_metrics(metrics_from_results(after, cmc_k=(1,), precision_k=(5,), map_k=(5,)))
+    assert row == {
+        "cmc@1": 0.5,  # query 0 now starts with a relevant item, query 5 still does not
+        "precision@5": flat["precision@5"],
+        "map@5": flat["map@5"],
+        "seconds": 1.5,
+        "pairs_scored": 6,
+    }
+    with pytest.raises(ValueError, match="cmc@k"):
+        method_summary(after, seconds=0, columns=("recall@1",))
