@@ -58,7 +58,6 @@ FILE_MTIME = "file_mtime_ns"
 FILE_SIZE = "file_size"
 VALIDATION_EMBEDDINGS = "validation_embeddings.pt"
 BOX_COLUMNS = ("x_1", "y_1", "x_2", "y_2")
-RESULT_COLUMNS = ["query", "rank", "path", "label", "category", "split", "distance"]
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
 _PAGE_SIZE = 16384
@@ -291,10 +290,15 @@ class EmbeddingStore:
 
     `EmbeddingStore(path)` opens an existing store or creates a new one (`create=False`: only open).
     A file that is not a labkit store is refused with `NotAStoreError` before anything is written to it.
-    Use as a context manager or call `close()`.
+    Use as a context manager or call `close()`. Searches keep the last searched vectors in memory (one
+    model and filter at a time) until the next write, by this connection or another, or `close()`.
     """
 
     def __init__(self, path: str | os.PathLike, *, create: bool = True, read_only: bool = False) -> None:
+        if sqlite3.sqlite_version_info < (3, 24):
+            raise RuntimeError(
+                f"labkit's store needs SQLite >= 3.24 (upsert); Python has {sqlite3.sqlite_version}."
+            )
         self.path = Path(path).expanduser()
         self.read_only = read_only
         self._writes = 0
@@ -310,7 +314,13 @@ class EmbeddingStore:
                     f"cannot create {self.path}: folder {self.path.parent} does not exist."
                 )
             self._conn = self._connect("rwc")
-            self._create_schema()
+            try:
+                self._create_schema()
+            except BaseException:  # the file is ours (it did not exist): leave nothing half made
+                self.close()
+                for leftover in (self.path, self.path.with_name(self.path.name + "-journal")):
+                    leftover.unlink(missing_ok=True)
+                raise
         if not read_only:
             self._conn.execute("PRAGMA journal_mode = WAL")
             self._conn.execute("PRAGMA synchronous = NORMAL")
@@ -535,13 +545,12 @@ class EmbeddingStore:
 
     def vacuum(self) -> None:
         """Give the space of deleted rows back to the file system."""
+        if self.read_only:
+            raise StoreError(f"the store {self.path} was opened read_only=True; open it writable to vacuum.")
         self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         self._db.execute("VACUUM")
 
     # -- reading
-    def _count(self, model_id: int) -> int:
-        return self._db.execute("SELECT COUNT(*) FROM items WHERE model_id = ?", (model_id,)).fetchone()[0]
-
     @staticmethod
     def _where(model_id: int, filters: dict[str, Any]) -> tuple[str, list]:
         active = {name: values for name, values in filters.items() if values is not None}
