@@ -46,10 +46,10 @@ class Figure(matplotlib.figure.Figure):
         return figure_png(self)
 
 
-def figure_png(fig: matplotlib.figure.Figure, *, dpi: int = 100) -> bytes:
-    """The figure rendered as PNG bytes (Agg, tight bounding box)."""
+def figure_png(fig: matplotlib.figure.Figure, *, dpi: int = 100, tight: bool = False) -> bytes:
+    """The figure rendered as PNG bytes (Agg); `tight` crops its margins (at the cost of a second pass)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight", facecolor="white")
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight" if tight else None, facecolor="white")
     return buffer.getvalue()
 
 
