@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import io
+
+import matplotlib.figure
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
 from labkit.data import BOX, CATEGORY, LABEL, PATH, SPLIT, load_image
+
+
+class Figure(matplotlib.figure.Figure):
+    """A matplotlib Figure that notebooks show as a PNG even when pyplot was never imported."""
+
+    def _repr_png_(self) -> bytes:
+        buffer = io.BytesIO()
+        self.savefig(buffer, format="png", dpi=100, facecolor="white")
+        return buffer.getvalue()
 
 
 def plot_sample_grid(df: pd.DataFrame, n_classes: int = 8, n_per_class: int = 6, seed: int = 0) -> Figure:

@@ -424,6 +424,7 @@ def test_plot_sample_grid(dataset):
     df = data.read_dataset(root / "ds.csv")
     fig = plot_sample_grid(df, n_classes=3, n_per_class=2, seed=0)
     assert isinstance(fig, Figure) and len(fig.axes) == 6
+    assert fig._repr_png_().startswith(b"\x89PNG")  # notebooks show it without pyplot
     assert sum(len(ax.images) for ax in fig.axes) == 6
     big = plot_sample_grid(df, n_classes=10, n_per_class=5)  # capped by what the dataset holds
     assert len(big.axes) == 20 and sum(len(ax.images) for ax in big.axes) == 12
