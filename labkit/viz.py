@@ -27,6 +27,8 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 
+from labkit.data_plots import plot_sample_grid as show_grid  # noqa: F401  (the sample grid per class)
+
 RELEVANT_COLOR = "#1a9641"  # green frame: same label as the query
 IRRELEVANT_COLOR = "#d7191c"  # red frame: another label
 QUERY_COLOR = "#2b83ba"  # blue frame: the query itself
@@ -273,38 +275,6 @@ def draw_worst_queries(
         results, order, df_or_paths, k=k, labels=labels, boxes=boxes, metrics={metric_name: values}
     )
     fig.suptitle(f"The {len(order)} worst queries by {metric_name} (worst first): top {k}")
-    return fig
-
-
-def show_grid(
-    df: pd.DataFrame,
-    *,
-    n_labels: int = 8,
-    per_label: int = 6,
-    boxes: bool = True,
-    seed: int = 0,
-    title: str | None = None,
-) -> Figure:
-    """A sample of `per_label` images for each of `n_labels` labels (seeded choice), one row per label."""
-    if "path" not in df.columns or "label" not in df.columns:
-        raise ValueError(f"show_grid needs 'path' and 'label' columns; the DataFrame has {list(df.columns)}")
-    rng = np.random.default_rng(seed)
-    names = np.array(sorted(df["label"].unique(), key=natural_key), dtype=object)
-    if len(names) == 0:
-        raise ValueError("show_grid got an empty DataFrame")
-    chosen = names[np.sort(rng.choice(len(names), size=min(n_labels, len(names)), replace=False))]
-    cols = max(1, min(per_label, int(df["label"].value_counts().max())))
-    fig = Figure(figsize=(1.35 * cols + 1.4, 1.45 * len(chosen) + 0.5), layout="constrained")
-    axes = np.atleast_2d(fig.subplots(len(chosen), cols, squeeze=False))
-    for row, name in enumerate(chosen):
-        rows = df[df["label"] == name]
-        picks = rows.iloc[np.sort(rng.choice(len(rows), size=min(cols, len(rows)), replace=False))]
-        for col, ax in enumerate(axes[row]):
-            _blank(ax)
-            if col < len(picks):
-                ax.imshow(_image(picks.iloc[col], boxes))
-        axes[row, 0].set_ylabel(shorten(name), fontsize=9, rotation=0, ha="right", va="center")
-    fig.suptitle(title if title is not None else f"{len(chosen)} of {len(names)} labels, {cols} images each")
     return fig
 
 
@@ -624,13 +594,6 @@ def _frame(ax: Axes, color: str) -> None:
     for spine in ax.spines.values():
         spine.set_edgecolor(color)
         spine.set_linewidth(FRAME_WIDTH)
-
-
-def _blank(ax: Axes) -> None:
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(False)
 
 
 def _epoch_axis(ax: Axes) -> None:

@@ -377,17 +377,6 @@ def test_plot_history_curves_and_columns():
         viz.plot_history(history.drop(columns="epoch"))
 
 
-def test_show_grid_rows_per_label(tmp_path):
-    df = make_items(tmp_path, [0, 0, 0, 1, 1, 2])
-    fig = viz.show_grid(df, n_labels=2, per_label=3, seed=0)
-    first_column = [ax for ax in fig.axes if ax.get_ylabel()]
-    assert len(first_column) == 2 and {ax.get_ylabel() for ax in first_column} < set(df.label)
-    assert len(fig.axes) == 6
-    shown = sum(len(ax.get_images()) for ax in fig.axes)
-    counts = df.label.value_counts()
-    assert shown == sum(min(3, counts[ax.get_ylabel()]) for ax in first_column)
-
-
 def test_figures_render_headless_to_png(tmp_path, hand_results, items):
     assert matplotlib.get_backend().lower() == "agg"
     fig = viz.draw_query(hand_results, 0, items, k=3)
