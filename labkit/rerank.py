@@ -332,7 +332,8 @@ class PairwiseReranker:
         if rest.shape[1]:
             top_max = torch.where(torch.isfinite(new_top_dist), new_top_dist, -torch.inf).amax(dim=1)
             shift = (top_max - rest_dist[:, 0]).clamp(min=0).nan_to_num(0.0, posinf=0.0, neginf=0.0)
-            rest_dist = rest_dist + shift[:, None]
+            # max(): (a + (b - a)) can round below b, and the rows must ascend across the boundary
+            rest_dist = torch.maximum(rest_dist + shift[:, None], top_max.clamp(min=0)[:, None])
         self.pairs_scored = int(valid.sum())
         self.seconds = time.perf_counter() - started
         new_dist = torch.cat([new_top_dist, rest_dist], dim=1).to(distances.dtype)

@@ -202,6 +202,23 @@ def test_rerank_hand_case_orders_by_logit_and_shifts_the_rest():
     torch.testing.assert_close(out.distances[0, 3], expected_top[2])
 
 
+def test_rerank_rows_ascend_across_the_top_n_boundary_despite_rounding():
+    # the rest is shifted up to the new top's largest distance; a + (b - a) rounds below b for ~3% of
+    # float32 pairs, so many rows whose rest must move up catch a boundary that fails to ascend
+    rng = np.random.default_rng(0)
+    n_queries, n_items = 3000, 50
+    retrieved = torch.from_numpy(np.stack([rng.choice(n_items, 4, replace=False) for _ in range(n_queries)]))
+    distances = torch.from_numpy(np.sort(rng.random((n_queries, 4)).astype(np.float32) * 0.1, axis=1))
+    labels = torch.zeros(n_items, dtype=torch.int64)
+    query_ids = torch.from_numpy(rng.integers(0, n_items, n_queries))
+    relevant = torch.ones(n_queries, 4, dtype=torch.bool)
+    results = RetrievalResults(distances, retrieved, query_ids, relevant, torch.full((n_queries,), 4), labels)
+    images = torch.from_numpy(rng.normal(size=(n_items, 1, 1, 1)).astype(np.float32))
+    out = PairwiseReranker(2, ProductScorer(), batch_size=4096).rerank(results, images)
+    assert bool((out.distances[:, 1:] >= out.distances[:, :-1]).all())
+    assert torch.equal(out.retrieved[:, 2:], retrieved[:, 2:])
+
+
 def test_rerank_with_a_dataset_and_metrics(figures_df):
     from labkit.data import validation_dataset
     from labkit.metrics import metrics_from_results
