@@ -1,0 +1,189 @@
+"""The notebooks: committed clean, Colab-ready, and executed end to end by papermill with tiny parameters."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import nbformat
+import pytest
+
+from labkit import pipeline
+from labkit.paths import notebooks_dir
+
+NOTEBOOKS = pipeline.discover_notebooks()
+EXPECTED_ORDER = [
+    "00_data.ipynb",
+    "01_train.ipynb",
+    "02_validate.ipynb",
+    "03_worst_queries.ipynb",
+    "04_rerank.ipynb",
+    "05_search.ipynb",
+]
+
+
+def test_the_pipeline_order():
+    assert [p.name for p in NOTEBOOKS] == EXPECTED_ORDER
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_committed_clean_and_colab_ready(path):
+    nb = nbformat.read(path, as_version=4)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code), "outputs must be stripped"
+    assert nb.cells[0].cell_type == "markdown", "a notebook opens with its story"
+    setup = code[0].source
+    assert 'importlib.util.find_spec("labkit") is None' in setup and "pip" in setup
+    tagged = [i for i, c in enumerate(code) if "parameters" in c.metadata.get("tags", [])]
+    assert tagged == [1], "the cell after the setup cell, and only it, is tagged parameters"
+    declared = pipeline.notebook_parameters(path)
+    assert {"run_dir", "dataset", "seed"} <= set(declared)
+    assert declared["run_dir"] == "" and declared["dataset"] == "figures"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_setup_cell_is_the_same_everywhere(path):
+    first = nbformat.read(NOTEBOOKS[0], as_version=4)
+    nb = nbformat.read(path, as_version=4)
+    setup = [c for c in nb.cells if c.cell_type == "code"][0].source
+    assert setup == [c for c in first.cells if c.cell_type == "code"][0].source
+
+
+def test_notebooks_folder_is_the_checkout_one():
+    assert notebooks_dir() == NOTEBOOKS[0].parent
+
+
+def _outputs_text(executed) -> str:
+    nb = json.loads(executed.read_text())
+    return json.dumps([c.get("outputs", []) for c in nb["cells"]])
+
+
+# Tiny parameters: every notebook in seconds on 2 CPU cores (8 classes x 6 images of 32x32 pixels).
+TINY = {
+    "n_classes": 8,
+    "images_per_class": 6,
+    "figure_size": 32,
+    "image_size": 32,
+    "grid_classes": 4,
+    "grid_images": 3,
+    "epochs": 1,
+    "max_steps": 2,
+    "n_labels": 2,
+    "n_instances": 2,
+    "batch_size": 16,
+    "accelerator": "cpu",
+    "n_worst": 2,
+    "draw_k": 3,
+    "chosen_queries": [0, 1],
+    "passes_per_epoch": 1,
+    "hidden_dims": [16],
+    "val_max_queries": 8,
+    "k": 5,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The whole pipeline, every notebook in order, on tiny "figures" data made in a temporary folder."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    saved = os.environ.get("LABKIT_DATA_DIR")
+    os.environ["LABKIT_DATA_DIR"] = str(tmp / "data")  # the papermill kernels inherit it
+    try:
+        yield pipeline.run_pipeline(TINY, name="tiny", runs_dir=tmp / "runs", progress=False)
+    finally:
+        if saved is None:
+            os.environ.pop("LABKIT_DATA_DIR")
+        else:
+            os.environ["LABKIT_DATA_DIR"] = saved
+
+
+@pytest.mark.slow
+def test_pipeline_executes_every_notebook_into_the_run_folder(tiny_run):
+    run = tiny_run.run_dir
+    assert [p.name for p in tiny_run.executed] == EXPECTED_ORDER
+    assert all((run / name).is_file() for name in EXPECTED_ORDER)
+    params = json.loads((run / "params.json").read_text())
+    assert params["params"] == TINY
+    env = json.loads((run / "environment.json").read_text())
+    assert env["seed"] == 0 and env["labkit"] and env["torch"]
+    assert {"data", "train", "validate", "rerank", "search", "pipeline"} <= set(tiny_run.metrics)
+    assert (run.parent.parent / "data" / "figures").is_dir()  # generated where LABKIT_DATA_DIR points
+
+
+@pytest.mark.slow
+def test_00_data_counts_the_generated_dataset(tiny_run):
+    counts = tiny_run.metrics["data"]
+    assert counts["n_images"] == 8 * 6 and counts["n_classes"] == 8
+    nb = json.loads((tiny_run.run_dir / "00_data.ipynb").read_text())
+    assert any("image/png" in out.get("data", {}) for c in nb["cells"] for out in c.get("outputs", []))
+
+
+@pytest.mark.slow
+def test_01_train_writes_checkpoints_history_and_export(tiny_run):
+    from labkit.models import load_extractor
+    from labkit.training import read_history
+
+    run = tiny_run.run_dir
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (run / "train_history.csv").is_file()
+    history = read_history(run)
+    assert list(history["epoch"]) == [0, 1]
+    extractor = load_extractor(run / "extractor.pt")
+    assert extractor.backbone_name == "resnet18"
+
+
+@pytest.mark.slow
+def test_02_validate_metrics_match_its_saved_embeddings(
+    tiny_run,
+):
+    import torch
+
+    from labkit.data import load_dataset, validation_dataset
+    from labkit.metrics import flatten_metrics, retrieval_metrics
+
+    run = tiny_run.run_dir
+    saved = torch.load(run / "validation_embeddings.pt", weights_only=False)
+    df = load_dataset(
+        "figures", data_dir=run.parent.parent / "data", n_classes=8, images_per_class=6, size=32
+    )
+    val = validation_dataset(df)
+    assert saved["paths"] == list(val.df["path"])
+    m = retrieval_metrics(
+        saved["embeddings"],
+        val.labels,
+        val.is_query,
+        val.is_gallery,
+        categories=val.categories,
+        cmc_k=(1, 5),
+        precision_k=(5,),
+        map_k=(5,),
+    )
+    recorded = tiny_run.metrics["validate"]
+    for key, value in flatten_metrics(m).items():
+        if key in recorded and value == value:  # NaN is recorded as null
+            assert recorded[key] == pytest.approx(value, abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_03_worst_queries_writes_its_pngs(tiny_run):
+    figures = tiny_run.run_dir / "figures"
+    names = {p.name for p in figures.glob("*.png")}
+    assert {"worst_queries.png", "chosen_queries.png", "embeddings_pca.png"} <= names
+    assert all(p.stat().st_size > 1000 for p in figures.glob("*.png"))
+
+
+@pytest.mark.slow
+def test_04_rerank_reports_every_method(tiny_run):
+    text = json.dumps(tiny_run.metrics["rerank"])
+    for method in ("baseline", "pairwise", "query", "reciprocal"):
+        assert method in text.lower(), method
+
+
+@pytest.mark.slow
+def test_05_search_builds_the_store(tiny_run):
+    from labkit.store import EmbeddingStore
+
+    with EmbeddingStore(tiny_run.run_dir / "store.sqlite", create=False, read_only=True) as store:
+        assert len(store) == 4 * 6  # the validation half of 8 classes x 6 images
+    assert tiny_run.metrics["search"]
