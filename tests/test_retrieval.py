@@ -60,7 +60,9 @@ def assert_matches_reference(res: R.RetrievalResults, ref: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("use_seq", [False, True])
-def test_retrieve_matches_brute_force(use_seq):
+@pytest.mark.parametrize("block", [64, 4])  # 4: the two-stage (block maxima) top-k with a ragged last block
+def test_retrieve_matches_brute_force(use_seq, block, monkeypatch):
+    monkeypatch.setattr(R, "_BLOCK", block)
     x, labels, is_query, is_gallery, seq, _ = make_data()
     seq = seq if use_seq else None
     res = R.retrieve(x, labels, is_query, is_gallery, k=7, sequence_ids=seq, backend="torch")
@@ -132,16 +134,28 @@ def test_inputs_numpy_torch_and_label_types_agree():
     assert torch.equal(a.n_relevant, b.n_relevant)
 
 
-def test_knn_matches_brute_force_and_pads():
+@pytest.mark.parametrize("n_queries", [3, 30])  # few queries: bias added per chunk; many: augmented product
+def test_knn_matches_brute_force_and_pads(n_queries):
     rng = np.random.default_rng(5)
-    q = rng.normal(size=(30, 4)).astype(np.float32)
+    q = rng.normal(size=(n_queries, 4)).astype(np.float32)
     g = rng.normal(size=(12, 4)).astype(np.float32)
-    dist, idx = R.knn(q, g, 15, chunk_size=4)
+    dist, idx = R.knn(q, g, 15, chunk_size=2)
     full = np.sqrt(((q[:, None, :].astype(np.float64) - g[None].astype(np.float64)) ** 2).sum(-1))
     expected = np.argsort(full, axis=1, kind="stable")
     assert idx[:, :12].tolist() == expected.tolist()
     assert (idx[:, 12:] == -1).all() and torch.isinf(dist[:, 12:]).all()
     np.testing.assert_allclose(dist[:, :12].numpy(), np.sort(full, axis=1), rtol=1e-5)
+    assert torch.equal(R.knn(q, g, 15)[1], idx)
+
+
+def test_knn_two_stage_topk_on_a_wide_gallery():
+    rng = np.random.default_rng(9)
+    q = rng.normal(size=(40, 6)).astype(np.float32)
+    g = rng.normal(size=(3000, 6)).astype(np.float32)  # 3000 = 46 blocks of 64 + a ragged 56
+    dist, idx = R.knn(q, g, 5)
+    full = np.sqrt(((q[:, None, :].astype(np.float64) - g[None].astype(np.float64)) ** 2).sum(-1))
+    assert idx.tolist() == np.argsort(full, axis=1, kind="stable")[:, :5].tolist()
+    np.testing.assert_allclose(dist.numpy(), np.sort(full, axis=1)[:, :5], rtol=1e-5)
 
 
 def test_reordered_recomputes_relevance():
