@@ -266,19 +266,24 @@ def fnmr_at_fmr(
     *,
     sequence_ids: ArrayLike | None = None,
     chunk_bytes: int = R.DEFAULT_CHUNK_BYTES,
-    n_bins: int = 1 << 16,
+    n_bins: int = 1 << 18,
     max_collect: int = 1 << 22,
 ) -> dict[float, float]:
     """OML's ``calc_fnmr_at_fmr`` over all non-excluded query-gallery pairs, without the full matrix.
 
     Threshold T_f = numpy-"linear" f-quantile of the negative (different label) distances; value = share of
-    positive distances >= T_f. Exact order statistics in bounded memory: pass 1 histograms the negative
-    distances (`n_bins` bins up to the triangle-inequality bound), following passes narrow the bins holding
-    the needed ranks until at most `max_collect` values remain and collect them, a final pass counts the
-    positives >= T_f. Memory: one distance chunk (`chunk_bytes`) + O(n_bins + max_collect); time: about
-    three chunked distance passes. Distances are float32 via the expansion ||q||^2 + ||g||^2 - 2 q.g, as
-    OML's ``torch.cdist`` computes them (absolute error ~1e-7 * (||q||^2 + ||g||^2) on squared distances).
-    NaN when there are no positive or no negative pairs.
+    positive distances >= T_f. Exact, in bounded memory, usually in two chunked passes over the distances:
+
+    1. histogram negatives and positives into `n_bins` bins over [0, max||q|| + max||g||];
+    2. collect the negatives of the bins holding the needed ranks and the positives of the bins T_f can fall
+       in; T_f from the exact order statistics; positives in higher bins all count, in lower bins none.
+
+    A bin with more than `max_collect` values is split into `n_bins` sub-bins by an extra pass (up to three
+    levels; deeper than that a bin is narrower than a float32 ulp and is collected as (value, count) pairs);
+    too many positives to collect cost one more counting pass. Memory: one chunk of `chunk_bytes` (about 14
+    bytes per pair: distance, relevance, bin key) + O(n_bins + max_collect). Distances are float32 via the
+    expansion sqrt(||q||^2 + ||g||^2 - 2 q.g), as OML's ``torch.cdist`` computes them (absolute error about
+    1e-7 * (||q||^2 + ||g||^2) on squared distances). NaN when there are no positive or no negative pairs.
     """
     fmr = _check_fractions(fmr, "fmr")
     if not fmr:
@@ -290,91 +295,135 @@ def fnmr_at_fmr(
     norms = torch.linalg.vector_norm(x, dim=1)
     upper = float(norms[p.query_ids.to(x.device)].max() + norms[p.gallery_ids.to(x.device)].max())
     upper = upper * (1 + 1e-5) + 1e-6
+    scale = n_bins / upper
+    trash = 2 * n_bins  # key of excluded pairs
 
-    def chunks():
-        return R._pair_chunks(p, chunk_bytes)
+    def keyed_chunks():
+        """(distances, keys): key = bin for negatives, n_bins + bin for positives, `trash` if excluded."""
+        for d, rel, r, col in R._pair_chunks_raw(p, max(1, chunk_bytes // 14)):
+            key = (d * scale).clamp_(max=n_bins - 1).to(torch.int32).add_(rel, alpha=n_bins)
+            if len(r):
+                key[r, col] = trash
+            yield d, key
 
-    # targets: for every f, the ranks floor(h) and min(floor(h) + 1, n - 1), h = (n - 1) f
-    # each rank is located by a path of (low, inv_width, bin) levels: value v is in the path's bin when
-    # clamp(floor((v - low) * inv_width), 0, n_bins - 1) == bin at every level (same float ops every pass)
-    def bin_of(v: torch.Tensor, low: float, inv_w: float) -> torch.Tensor:
-        return torch.floor((v - low) * inv_w).clamp_(0, n_bins - 1).to(torch.int64)
-
-    n_neg = n_pos = 0
-    hist = torch.zeros(n_bins, dtype=torch.int64)
-    for d, rel in chunks():
-        finite = ~torch.isnan(d)
-        neg = d[finite & ~rel]
-        n_neg += len(neg)
-        n_pos += int((finite & rel).sum())
-        hist += torch.bincount(bin_of(neg, 0.0, n_bins / upper), minlength=n_bins).cpu()
+    # pass 1: histograms
+    hist = torch.zeros(trash + 1, dtype=torch.int64)
+    for _, key in keyed_chunks():
+        hist += torch.bincount(key.view(-1), minlength=trash + 1).cpu()
+    neg_hist, pos_hist = hist[:n_bins], hist[n_bins:trash]
+    n_neg, n_pos = int(neg_hist.sum()), int(pos_hist.sum())
     if n_neg == 0 or n_pos == 0:
         return {f: float("nan") for f in fmr}
 
-    ranks: dict[int, dict[str, Any]] = {}
+    # every f needs the ranks floor(h) and min(floor(h) + 1, n - 1) of the negatives, h = (n - 1) f
+    # (numpy "linear"). A rank is located by a path of levels (low, inv_width, bin): v is in the path when
+    # clamp(floor((v - low) * inv_width), 0, n_bins - 1) == bin at every level below the first (level 1 is
+    # the key itself), with the same float operations in every pass.
+    def sub_bin(v: torch.Tensor, low: float, inv_w: float) -> torch.Tensor:
+        return torch.floor((v - low) * inv_w).clamp_(0, n_bins - 1).to(torch.int64)
+
     virtual = {f: (n_neg - 1) * f for f in fmr}
+    ranks: dict[int, dict[str, Any]] = {}
     for h in virtual.values():
         lo = math.floor(h)
         for r in (lo, min(lo + 1, n_neg - 1)):
-            ranks.setdefault(r, {"path": [(0.0, n_bins / upper, None)], "below": 0, "values": None})
+            ranks.setdefault(r, {"levels": [], "below": 0, "state": "refine", "hist": neg_hist})
 
-    def descend(state: dict[str, Any], rank: int, hist_: torch.Tensor) -> None:
-        low, inv_w, _ = state["path"][-1]
+    def descend(st: dict[str, Any], rank: int) -> None:
+        hist_ = st.pop("hist")
         cum = torch.cumsum(hist_, 0)
-        j = int(torch.searchsorted(cum, torch.tensor(rank - state["below"]), right=True))
-        state["below"] += int(cum[j - 1]) if j > 0 else 0
-        state["path"][-1] = (low, inv_w, j)
-        # a crowded bin is split into n_bins sub-bins; after 3 levels a bin is narrower than a float32 ulp
-        if int(hist_[j]) > max_collect and len(state["path"]) < 3:
-            width = 1.0 / inv_w
-            state["path"].append((low + j * width, n_bins / width, None))
-            state["hist"] = torch.zeros(n_bins, dtype=torch.int64)
+        j = int(torch.searchsorted(cum, torch.tensor(rank - st["below"]), right=True))
+        st["below"] += int(cum[j - 1]) if j > 0 else 0
+        if not st["levels"]:
+            st["bin1"] = j
+            low, width = 0.0, upper / n_bins
         else:
-            state["values"] = []  # collect (value, count) pairs
+            low, inv_w, _ = st["levels"][-1]
+            st["levels"][-1] = (low, inv_w, j)
+            width = 1.0 / inv_w
+            low = low + j * width
+            width = width / n_bins
+        if int(hist_[j]) > max_collect and len(st["levels"]) < 2:  # split the bin into n_bins sub-bins
+            st["levels"].append((low, 1.0 / width, None))
+            st["hist"] = torch.zeros(n_bins, dtype=torch.int64)
+        else:
+            st["state"], st["parts"] = "collect", []
 
     for r, st in ranks.items():
-        descend(st, r, hist)
+        descend(st, r)
 
-    def in_path(v: torch.Tensor, path: list) -> torch.Tensor:
-        m = torch.ones_like(v, dtype=torch.bool)
-        for low, inv_w, j in path:
-            if j is not None:
-                m &= bin_of(v, low, inv_w) == j
-        return m
-
-    while any(not isinstance(st["values"], float) for st in ranks.values()):
-        for d, rel in chunks():
-            neg = d[~torch.isnan(d) & ~rel]
+    # positives of the level-1 bins each threshold can fall in (between its two order statistics' bins)
+    pos_bins = sorted(
+        {
+            b
+            for f, h in virtual.items()
+            for b in range(ranks[math.floor(h)]["bin1"], ranks[min(math.floor(h) + 1, n_neg - 1)]["bin1"] + 1)
+        }
+    )
+    collect_pos = int(pos_hist[pos_bins].sum()) <= max_collect
+    pos_parts: list[torch.Tensor] = []
+    pos_keys: list[torch.Tensor] = []
+    first = True
+    while any(st["state"] != "done" for st in ranks.values()):
+        need = torch.zeros(trash + 1, dtype=torch.bool)
+        need[[st["bin1"] for st in ranks.values() if st["state"] != "done"]] = True
+        if first and collect_pos:
+            need[[n_bins + b for b in pos_bins]] = True
+        need = need.to(x.device)
+        for d, key in keyed_chunks():
+            m = need[key]
+            vals, keys = d[m], key[m]
+            if first and collect_pos:
+                is_pos = keys >= n_bins
+                pos_parts.append(vals[is_pos].cpu())
+                pos_keys.append((keys[is_pos] - n_bins).cpu())
             for st in ranks.values():
-                if isinstance(st["values"], list):
-                    vals, counts = torch.unique(neg[in_path(neg, st["path"])], return_counts=True)
-                    st["values"].append((vals.cpu(), counts.cpu()))
-                elif st["values"] is None:
-                    sel = neg[in_path(neg, st["path"])]
-                    low, inv_w, _ = st["path"][-1]
-                    st["hist"] += torch.bincount(bin_of(sel, low, inv_w), minlength=n_bins).cpu()
+                if st["state"] == "done":
+                    continue
+                v = vals[keys == st["bin1"]]
+                for low, inv_w, j in st["levels"]:
+                    if j is not None:
+                        v = v[sub_bin(v, low, inv_w) == j]
+                if st["state"] == "collect":
+                    u, cnt = torch.unique(v, return_counts=True)
+                    st["parts"].append((u.cpu(), cnt.cpu()))
+                else:
+                    low, inv_w, _ = st["levels"][-1]
+                    st["hist"] += torch.bincount(sub_bin(v, low, inv_w), minlength=n_bins).cpu()
+        first = False
         for r, st in ranks.items():
-            if isinstance(st["values"], list):
-                vals = torch.cat([v for v, _ in st["values"]])
-                counts = torch.cat([c for _, c in st["values"]])
-                uniq, inverse = torch.unique(vals, return_inverse=True)
+            if st["state"] == "collect":
+                vals_ = torch.cat([u for u, _ in st["parts"]])
+                counts = torch.cat([c for _, c in st["parts"]])
+                uniq, inverse = torch.unique(vals_, return_inverse=True)
                 total = torch.zeros(len(uniq), dtype=torch.int64).index_add_(0, inverse, counts)
                 i = int(torch.searchsorted(torch.cumsum(total, 0), torch.tensor(r - st["below"]), right=True))
-                st["values"] = float(uniq[i])
-            elif st["values"] is None:
-                descend(st, r, st.pop("hist"))
+                st["value"], st["state"] = float(uniq[i]), "done"
+                del st["parts"]
+            elif st["state"] == "refine":
+                descend(st, r)
 
     thresholds = {}
     for f, h in virtual.items():
         lo = math.floor(h)
-        a = np.float32(ranks[lo]["values"])
-        b = np.float32(ranks[min(lo + 1, n_neg - 1)]["values"])
+        a = np.float32(ranks[lo]["value"])
+        b = np.float32(ranks[min(lo + 1, n_neg - 1)]["value"])
         thresholds[f] = _lerp_like_numpy(a, b, h - lo)
+
     above = dict.fromkeys(fmr, 0)
-    for d, rel in chunks():
-        pos = d[~torch.isnan(d) & rel].double()
+    if collect_pos:
+        # a positive in a higher bin than the threshold's is above it, in a lower bin below (binning is
+        # monotone); only the threshold's own bin needs the exact comparison
+        pos_vals = torch.cat(pos_parts).double() if pos_parts else torch.zeros(0, dtype=torch.float64)
+        pos_key = torch.cat(pos_keys) if pos_keys else torch.zeros(0, dtype=torch.int32)
         for f, t in thresholds.items():
-            above[f] += int((pos >= t).sum())
+            t_bin = int(torch.tensor(t, dtype=torch.float32).mul(scale).clamp(max=n_bins - 1).to(torch.int32))
+            above[f] = int(pos_hist[t_bin + 1 :].sum()) + int(((pos_key == t_bin) & (pos_vals >= t)).sum())
+    else:
+        for d, key in keyed_chunks():
+            pos = d[(key >= n_bins) & (key < trash)].double()
+            for f, t in thresholds.items():
+                above[f] += int((pos >= t).sum())
     return {f: above[f] / n_pos for f in fmr}
 
 

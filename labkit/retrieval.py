@@ -599,6 +599,16 @@ def iter_pair_distances(
 
 
 def _pair_chunks(p: _Prepared, chunk_bytes: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for d, rel, r, col in _pair_chunks_raw(p, max(1, chunk_bytes // 8)):  # 4 + 1 bytes a pair + temporaries
+        if len(r):
+            d[r, col] = float("nan")
+        yield d, rel
+
+
+def _pair_chunks_raw(
+    p: _Prepared, chunk_elements: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(distances, relevant, excluded rows, excluded cols) per chunk of about `chunk_elements` pairs."""
     x = p.embeddings
     dev = x.device
     queries = _gallery_view(x, p.query_ids)
@@ -606,8 +616,7 @@ def _pair_chunks(p: _Prepared, chunk_bytes: int) -> Iterator[tuple[torch.Tensor,
     nq, ng = len(queries), len(gallery)
     if nq == 0 or ng == 0:
         return
-    # the distance chunk, its relevance mask and temporaries share the budget
-    rows = _rows_per_chunk(ng, nq, None, max(chunk_bytes // 3, 4 * ng))
+    rows = max(1, min(nq, chunk_elements // ng))
     g_sq = _sq_norms(gallery)
     q_sq_all = _sq_norms(queries)
     lab_q = p.labels[p.query_ids].to(dev)
@@ -618,7 +627,5 @@ def _pair_chunks(p: _Prepared, chunk_bytes: int) -> Iterator[tuple[torch.Tensor,
         d = torch.addmm(g_sq.unsqueeze(0), q, gallery.T, beta=1.0, alpha=-2.0)
         d.add_(q_sq_all[a : a + c].unsqueeze(1)).clamp_(min=0).sqrt_()
         r, col = p.excl.pairs(slice(a, a + c))
-        if len(r):
-            d[r.to(dev), col.to(dev)] = float("nan")
         rel = lab_q[a : a + c].unsqueeze(1) == lab_g.unsqueeze(0)
-        yield d, rel
+        yield d, rel, r.to(dev), col.to(dev)

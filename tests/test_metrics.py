@@ -121,7 +121,7 @@ def _fnmr_reference(x, labels, is_query, is_gallery, seq, fmr):
     return {f: float((pos >= t).sum() / len(pos)) for f, t in zip(fmr, thresholds, strict=True)}
 
 
-@pytest.mark.parametrize("n_bins,max_collect", [(1 << 16, 1 << 22), (8, 5)])
+@pytest.mark.parametrize("n_bins,max_collect", [(1 << 18, 1 << 22), (8, 1 << 22), (8, 5), (2, 3)])
 def test_fnmr_at_fmr_matches_reference(n_bins, max_collect):
     rng = np.random.default_rng(11)
     n = 120
