@@ -565,7 +565,7 @@ def retrieve(
     gallery = _gallery_view(x, p.gallery_ids)
     dist, pos = _search(queries, gallery, k, p.excl, chunk_size, backend, chunk_bytes)
     g_ids = p.gallery_ids.to(pos.device)
-    retrieved = torch.where(pos >= 0, g_ids[pos.clamp(min=0)], pos)
+    retrieved = torch.where(pos >= 0, g_ids[pos.clamp(min=0)], pos) if len(g_ids) else pos
     device = retrieved.device
     labels_t = p.labels.to(device)
     query_ids = p.query_ids.to(device)

@@ -199,3 +199,15 @@ def test_bad_inputs_give_clear_errors():
         R.retrieve(x, labels, is_query, is_gallery, backend="annoy")
     with pytest.raises(ValueError, match="k must"):
         R.knn(x, x, 0)
+
+
+def test_empty_query_or_gallery_sets():
+    x, labels, _, _, _, _ = make_data(10, n=12)
+    none, every = np.zeros(12, bool), np.ones(12, bool)
+    res = R.retrieve(x, labels, every, none, k=3)
+    assert res.retrieved.tolist() == [[-1, -1, -1]] * 12 and res.n_relevant.tolist() == [0] * 12
+    res = R.retrieve(x, labels, none, every, k=3)
+    assert res.retrieved.shape == (0, 3) and len(res) == 0
+    only_self = np.arange(12) == 4
+    res = R.retrieve(x, labels, only_self, only_self, k=2)
+    assert res.retrieved.tolist() == [[-1, -1]] and res.n_relevant.tolist() == [0]
