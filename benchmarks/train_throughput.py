@@ -104,6 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*treespec.*")
 
     torch.manual_seed(0)
     initial = create_extractor(args.backbone, image_size=args.image_size)
@@ -121,7 +122,6 @@ def main() -> None:
     rate = {name: size * timed / min(values) for name, values in times.items()}
     print(
         f"{args.backbone} {args.image_size}px, batch {size} ({args.n_labels}x{args.n_instances}), "
-
         f"{timed} timed steps after {args.warmup} warm-up, best of {args.rounds} rounds, "
         f"{torch.get_num_threads()} threads"
     )
