@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from labkit.retrieval import RetrievalResults, as_codes, iter_pair_distances, retrieve
+from labkit.retrieval import RetrievalResults, _as_mask, as_codes, iter_pair_distances, retrieve
 
 BYTES_PER_ITEM_PAIR = 24  # k-reciprocal: about six (Q+G)^2 float32/bool matrices alive at once
 
@@ -31,15 +31,6 @@ def _as_tensor_2d(embeddings) -> Tensor:
     if emb.ndim != 2:
         raise ValueError(f"embeddings must be (N, D); got shape {tuple(emb.shape)}")
     return emb.detach().float().cpu()
-
-
-def _as_mask(values, n: int, name: str) -> Tensor:
-    mask = torch.from_numpy(np.array(values, dtype=bool))
-    if mask.shape != (n,):
-        raise ValueError(
-            f"{name} must be a boolean vector of length {n} (one per embedding); got {tuple(mask.shape)}"
-        )
-    return mask
 
 
 def _sequence_codes(sequence_ids, n: int) -> Tensor:
@@ -137,8 +128,8 @@ def query_expansion(
         raise ValueError(f"n, db_n and alpha must be >= 0; got n={n}, db_n={db_n}, alpha={alpha}")
     emb = _as_tensor_2d(embeddings)
     is_query, is_gallery = (
-        _as_mask(is_query, len(emb), "is_query"),
-        _as_mask(is_gallery, len(emb), "is_gallery"),
+        _as_mask(is_query, "is_query", len(emb)),
+        _as_mask(is_gallery, "is_gallery", len(emb)),
     )
     normalize = _is_unit(emb) if normalize is None else normalize
     db_n = n if db_n is None else db_n
@@ -268,8 +259,8 @@ def k_reciprocal_rerank(
         raise ValueError(f"need k1 >= 1, k2 >= 1 and 0 <= lambda_value <= 1; got {k1}, {k2}, {lambda_value}")
     emb = _as_tensor_2d(embeddings)
     is_query, is_gallery = (
-        _as_mask(is_query, len(emb), "is_query"),
-        _as_mask(is_gallery, len(emb), "is_gallery"),
+        _as_mask(is_query, "is_query", len(emb)),
+        _as_mask(is_gallery, "is_gallery", len(emb)),
     )
     items = torch.nonzero(is_query | is_gallery).squeeze(1)
     m = len(items)
