@@ -105,6 +105,8 @@ def test_training_improves_cmc_on_a_tiny_fixed_seed_config(figures_df, tmp_path)
     assert cmc[10] >= cmc[0] + 0.3, cmc.to_dict()
     assert result.history["loss"].iloc[-1] < result.history["loss"].iloc[1]
     assert result.extractor_path is None and not (tmp_path / "learn" / "extractor.pt").exists()
+    last = torch.load(result.last_checkpoint, map_location="cpu", weights_only=True)
+    assert last["labkit_epoch"] == 10  # last.ckpt is the final state even when the best epoch is earlier
 
 
 def test_evaluate_matches_retrieval_metrics_and_read_history_errors(figures_df, tmp_path):
