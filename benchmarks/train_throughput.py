@@ -95,12 +95,12 @@ def main() -> None:
     )
     parser.add_argument("--backbone", default="resnet18")
     parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--n-labels", type=int, default=8)
-    parser.add_argument("--n-instances", type=int, default=4)
+    parser.add_argument("--n-labels", type=int, default=4)
+    parser.add_argument("--n-instances", type=int, default=8)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--miner", default="hard")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--miner", default="all")
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -114,7 +114,7 @@ def main() -> None:
         "labels": torch.arange(args.n_labels).repeat_interleave(args.n_instances),
     }
     timed = args.steps - args.warmup
-    kwargs = {"steps": args.steps, "warmup": args.warmup, "lr": 1e-3, "margin": 0.2, "miner": args.miner}
+    kwargs = {"steps": args.steps, "warmup": args.warmup, "lr": 3e-3, "margin": 0.2, "miner": args.miner}
     times: dict[str, list[float]] = {"plain": [], "lightning": []}
     for _ in range(args.rounds):
         times["plain"].append(plain_loop(copy.deepcopy(initial), batch, **kwargs))
