@@ -9,7 +9,9 @@ trained one can still tell the shapes and colours apart. Classes are split half 
 The output folder holds `images/`, `figures.csv` (OML format, relative paths) and `figures.json`, the
 manifest. The manifest is written first with `"complete": false` (claiming the folder) and rewritten
 with `"complete": true` last, so an interrupted generation is detected and redone. A non-empty folder
-without a labkit manifest is never written into.
+without a labkit manifest is never written into. Checking and generating happen under a lock file next to
+the folder (`<folder>.lock`), so processes that ask for the same folder at once (parallel notebooks,
+several kernels) wait for one generation instead of writing over each other.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from filelock import FileLock
 from PIL import Image, ImageDraw
 
 from labkit import data as _data
@@ -270,6 +273,20 @@ def make_figures(
         raise ValueError(f"figures: size must be at least 8 pixels, got {size}.")
     root = Path(root) if root is not None else default_data_dir() / "figures"
     params = figures_params(n_classes, images_per_class, size, seed)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(lock_path(root)):
+        return _reuse_or_generate(root, params)
+
+
+def lock_path(root: Path) -> Path:
+    """The lock file held while the figures folder `root` is checked or generated."""
+    folder = root.resolve()
+    return folder.with_name(folder.name + ".lock")
+
+
+def _reuse_or_generate(root: Path, params: dict) -> Path:
+    n_classes, images_per_class = params["n_classes"], params["images_per_class"]
+    size, seed = params["size"], params["seed"]
     manifest = _read_manifest(root)
     if _is_complete(root, manifest, params):
         return root / CSV_NAME

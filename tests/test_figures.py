@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
 from labkit import data, figures
 from labkit.data import DatasetError
@@ -107,6 +109,19 @@ def test_interrupted_generation_is_redone(tmp_path):
     victim.unlink()  # a lost image is detected as well
     data.make_figures(root, **TINY)
     assert victim.is_file()
+
+
+def test_generation_waits_for_a_concurrent_one_on_the_same_folder(tmp_path):
+    root = tmp_path / "figs"
+    results: list[Path] = []
+    worker = threading.Thread(target=lambda: results.append(data.make_figures(root, **TINY)))
+    with FileLock(figures.lock_path(root)):  # another process generating this folder
+        worker.start()
+        worker.join(timeout=1.0)
+        assert worker.is_alive() and not root.exists()  # waits without touching the folder
+    worker.join(timeout=60)
+    assert results == [root / "figures.csv"] and len(data.read_dataset(results[0])) == 18
+    assert figures.lock_path(root) == tmp_path / "figs.lock"
 
 
 def test_refuses_a_non_empty_folder_without_manifest(tmp_path):
