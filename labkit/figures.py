@@ -272,10 +272,9 @@ def make_figures(
     if size < 8:
         raise ValueError(f"figures: size must be at least 8 pixels, got {size}.")
     root = Path(root) if root is not None else default_data_dir() / "figures"
-    params = figures_params(n_classes, images_per_class, size, seed)
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(lock_path(root)):
-        return _reuse_or_generate(root, params)
+        return _reuse_or_generate(root, n_classes, images_per_class, size, seed)
 
 
 def lock_path(root: Path) -> Path:
@@ -284,9 +283,8 @@ def lock_path(root: Path) -> Path:
     return folder.with_name(folder.name + ".lock")
 
 
-def _reuse_or_generate(root: Path, params: dict) -> Path:
-    n_classes, images_per_class = params["n_classes"], params["images_per_class"]
-    size, seed = params["size"], params["seed"]
+def _reuse_or_generate(root: Path, n_classes: int, images_per_class: int, size: int, seed: int) -> Path:
+    params = figures_params(n_classes, images_per_class, size, seed)
     manifest = _read_manifest(root)
     if _is_complete(root, manifest, params):
         return root / CSV_NAME
