@@ -4,6 +4,7 @@ Both do the same steps (forward, mined triplet loss, backward, AdamW step) on th
 weights) and the same batch, kept in memory so that image decoding does not count. Lightning runs
 `labkit.training.MetricLearningModule` (with its per-step logging) under `lightning.Trainer`. The timed
 window starts after `--warmup` steps; the two paths alternate for `--rounds` rounds; each one's best counts.
+Backbone, image size, batch layout, miner, lr and margin default to `labkit.training.train`'s defaults.
 
     .venv/bin/python benchmarks/train_throughput.py [--steps 20] [--backbone resnet18] [--image-size 64]
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import logging
 import time
 import warnings
@@ -22,7 +24,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from labkit.losses import TripletLoss
 from labkit.models import create_extractor
-from labkit.training import MetricLearningModule
+from labkit.training import MetricLearningModule, train
+
+TRAIN_DEFAULTS = {name: p.default for name, p in inspect.signature(train).parameters.items()}
 
 
 class RepeatedBatch(Dataset):
@@ -93,14 +97,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--backbone", default="resnet18")
-    parser.add_argument("--image-size", type=int, default=64)
-    parser.add_argument("--n-labels", type=int, default=4)
-    parser.add_argument("--n-instances", type=int, default=8)
+    parser.add_argument("--backbone", default=TRAIN_DEFAULTS["backbone"])
+    parser.add_argument("--image-size", type=int, default=TRAIN_DEFAULTS["image_size"])
+    parser.add_argument("--n-labels", type=int, default=TRAIN_DEFAULTS["n_labels"])
+    parser.add_argument("--n-instances", type=int, default=TRAIN_DEFAULTS["n_instances"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--miner", default="all")
+    parser.add_argument("--miner", default=TRAIN_DEFAULTS["miner"])
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
@@ -114,7 +118,13 @@ def main() -> None:
         "labels": torch.arange(args.n_labels).repeat_interleave(args.n_instances),
     }
     timed = args.steps - args.warmup
-    kwargs = {"steps": args.steps, "warmup": args.warmup, "lr": 3e-3, "margin": 0.2, "miner": args.miner}
+    kwargs = {
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "lr": TRAIN_DEFAULTS["lr"],
+        "margin": TRAIN_DEFAULTS["margin"],
+        "miner": args.miner,
+    }
     times: dict[str, list[float]] = {"plain": [], "lightning": []}
     for _ in range(args.rounds):
         times["plain"].append(plain_loop(copy.deepcopy(initial), batch, **kwargs))
