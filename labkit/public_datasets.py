@@ -64,6 +64,7 @@ SOP_CLASSES = 22_634
 SOP_SUPER_CLASSES = 12
 INSHOP_ITEMS = 7_982
 INSHOP_STATUSES = ("train", "query", "gallery")
+INSHOP_IMAGE_FOLDERS = ("img", "img_highres")
 
 _SHOW = 5
 _SOURCE = re.compile(r"^(cub|cars|sop|inshop):(.+)$", re.IGNORECASE | re.DOTALL)
@@ -546,22 +547,34 @@ def _read_counted(path: Path, columns: Sequence[str], *, numbers: Sequence[str] 
 
 
 def convert_inshop(
-    root: str | os.PathLike, *, boxes: bool = True, check_images: bool = True, images: str = "img"
+    root: str | os.PathLike,
+    *,
+    boxes: bool | None = None,
+    check_images: bool = True,
+    images: str | None = None,
 ) -> pd.DataFrame:
     """DeepFashion In-Shop: the `evaluation_status` of `list_eval_partition.txt` (train / query / gallery).
 
     Label: the item number (`id_00000123` -> 123); category: the clothing type folder
-    (`img/WOMEN/Dresses/...` -> `Dresses`, as OML does). Boxes come from `list_bbox_inshop.txt` and are in
-    the pixels of the `img/` images, so `images="img_highres"` (the high-resolution archive, read with
-    the same names under `img_highres/`) needs `boxes=False`. Query rows are not gallery rows.
+    (`img/WOMEN/Dresses/...` -> `Dresses`, as OML does). Query rows are not gallery rows. `images`: "img"
+    (the 256x256 archive `img.zip`) or "img_highres" (`img_highres.zip`, the same names under
+    `img_highres/`); None takes `img/` when it is there, else `img_highres/` when that is. Boxes come from
+    `list_bbox_inshop.txt` and are in the pixels of `img/`, so `boxes=None` means boxes with `img/` and none
+    with `img_highres/` (where `boxes=True` is refused).
     """
     root = _root(root, "inshop")
-    if images not in ("img", "img_highres"):
-        raise ValueError(f"images must be 'img' or 'img_highres', got {images!r}.")
+    bases = (root, root / "Img")
+    if images is None:
+        found = [name for name in INSHOP_IMAGE_FOLDERS if any((b / name).is_dir() for b in bases)]
+        images = found[0] if found else INSHOP_IMAGE_FOLDERS[0]
+    if images not in INSHOP_IMAGE_FOLDERS:
+        raise ValueError(f"images must be one of {', '.join(INSHOP_IMAGE_FOLDERS)} or None, got {images!r}.")
+    if boxes is None:
+        boxes = images == "img"
     if images == "img_highres" and boxes:
         raise ValueError(
             "the boxes of list_bbox_inshop.txt are in the pixels of img/, not img_highres/; "
-            "pass boxes=False with images='img_highres'."
+            "pass boxes=False (or None) with images='img_highres'."
         )
     partition_txt = _find(root, "inshop", ["list_eval_partition.txt", "Eval/list_eval_partition.txt"])
     bbox_txt = _find(root, "inshop", ["list_bbox_inshop.txt", "Anno/list_bbox_inshop.txt"]) if boxes else None
@@ -570,9 +583,7 @@ def convert_inshop(
     item = df["item_id"].str.extract(r"^id_(\d+)$", expand=False)
     if item.isna().any():
         bad = ", ".join(repr(v) for v in df["item_id"][item.isna()][:_SHOW])
-        raise DatasetError(
-            f"{partition_txt}: item_id must read id_<number>; found {bad}."
-        )
+        raise DatasetError(f"{partition_txt}: item_id must read id_<number>; found {bad}.")
     label = item.astype(np.int64)
     _check_range(
         label,
@@ -597,8 +608,7 @@ def convert_inshop(
     names = df["image_name"]
     if images == "img_highres":
         names = names.str.replace(r"^img/", "img_highres/", regex=True)
-    top = names.str.split("/").str[0].iloc[0]
-    base = next((b for b in (root, root / "Img") if (b / top).is_dir()), root)
+    base = next((b for b in bases if (b / images).is_dir()), root)
     out = pd.DataFrame(
         {
             LABEL: label,

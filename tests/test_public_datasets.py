@@ -294,12 +294,17 @@ def test_inshop_query_gallery_as_given(tmp_path, official_folders):
     _roundtrip(df, tmp_path)
 
 
-def test_inshop_high_resolution_images_need_boxes_off(tmp_path):
-    root = make_inshop(tmp_path / "InShop", images=False)
-    with pytest.raises(ValueError, match="boxes=False"):
-        public_datasets.convert_inshop(root, images="img_highres")
-    df = convert("inshop", root, images="img_highres", boxes=False, check_images=False)
+def test_inshop_high_resolution_images_are_read_without_boxes(tmp_path):
+    root = make_inshop(tmp_path / "InShop")
+    (root / "img").rename(root / "img_highres")  # only the high-resolution archive extracted
+    df = convert("inshop", root)  # found by itself; its images have no boxes in the annotation
     assert df["path"][0] == str(root / "img_highres/WOMEN/Dresses/id_00000001/01_1_front.jpg")
+    assert not any(c in df.columns for c in BOX)
+    assert df["is_query"].sum() == 2 and df["is_gallery"].sum() == 3
+    with pytest.raises(ValueError, match="boxes=False"):
+        public_datasets.convert_inshop(root, images="img_highres", boxes=True)
+    with pytest.raises(DatasetError, match=r"10 of 10 listed image\(s\) are missing, e\.g\. .*/img/WOMEN"):
+        public_datasets.convert_inshop(root, images="img")
 
 
 # ------------------------------------------------------------------------------------ errors
