@@ -211,33 +211,34 @@ def _check_images(df: pd.DataFrame, listing: Path | str, name: str) -> None:
         )
 
 
+def _image_size(path: str) -> tuple[int, int]:
+    try:
+        with Image.open(path) as image:  # reads the header only
+            return image.size
+    except (OSError, UnidentifiedImageError) as err:
+        raise DatasetError(f"{path}: cannot read the image ({err}).") from err
+
+
 def _fit_boxes(df: pd.DataFrame) -> list[str]:
     """Clip boxes to their images (header reads only); drop boxes left empty. Returns warnings."""
-    has_box = df[list(BOX)].notna().all(axis=1).to_numpy()
-    clipped = dropped = 0
-    for i in np.flatnonzero(has_box):
-        path = df[PATH].iat[i]
-        try:
-            with Image.open(path) as image:
-                width, height = image.size
-        except (OSError, UnidentifiedImageError) as err:
-            raise DatasetError(f"{path}: cannot read the image ({err}).") from err
-        x1, y1, x2, y2 = (float(df[c].iat[i]) for c in BOX)
-        box = (max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height)))
-        if box[2] <= box[0] or box[3] <= box[1]:
-            dropped += 1
-            box = (np.nan,) * 4
-        elif box != (x1, y1, x2, y2):
-            clipped += 1
-        else:
-            continue
-        for column, value in zip(BOX, box, strict=True):
-            df.iat[i, df.columns.get_loc(column)] = value
+    rows = np.flatnonzero(df[list(BOX)].notna().all(axis=1).to_numpy())
+    if not len(rows):
+        return []
+    size = np.array([_image_size(df[PATH].iat[i]) for i in rows], dtype=float).reshape(-1, 2)
+    box = df[list(BOX)].to_numpy(dtype=float)[rows]
+    fitted = np.column_stack(
+        [np.maximum(box[:, 0], 0), np.maximum(box[:, 1], 0), np.minimum(box[:, 2], size[:, 0]),
+         np.minimum(box[:, 3], size[:, 1])]
+    )  # fmt: skip
+    empty = (fitted[:, 2] <= fitted[:, 0]) | (fitted[:, 3] <= fitted[:, 1])
+    fitted[empty] = np.nan
+    clipped = ~empty & (fitted != box).any(axis=1)
+    df.loc[df.index[rows], list(BOX)] = fitted
     found = []
-    if clipped:
-        found.append(f"{clipped} box(es) reached past their image and were clipped to it.")
-    if dropped:
-        found.append(f"{dropped} box(es) outside their image or empty were dropped (whole image).")
+    if clipped.any():
+        found.append(f"{int(clipped.sum())} box(es) reached past their image and were clipped to it.")
+    if empty.any():
+        found.append(f"{int(empty.sum())} box(es) outside their image were dropped (whole image).")
     return found
 
 

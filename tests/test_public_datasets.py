@@ -235,6 +235,21 @@ def test_cub_split_by_class_boxes_and_names(tmp_path):
     pd.testing.assert_frame_equal(back[df.columns].reset_index(drop=True), df, check_dtype=False)
 
 
+def test_boxes_outside_the_image_or_empty_are_dropped(tmp_path):
+    root = make_cub(tmp_path / "CUB_200_2011")
+    _replace(root / "bounding_boxes.txt", "1 1.0 2.0 20.0 10.0\n", "1 45.0 2.0 5.0 5.0\n")  # x_1 past 40
+    _replace(root / "bounding_boxes.txt", "2 2.0 2.0 20.0 11.0\n", "2 2.0 2.0 0.0 11.0\n")  # zero width
+    df = convert("cub", root)
+    assert df.loc[[0, 1], BOX].isna().all().all() and df.loc[2:, BOX].notna().all().all()
+    assert df.loc[11, BOX].tolist() == [30.0, 5.0, 40.0, 15.0]
+    assert [w.split(": ", 1)[1] for w in df.attrs["warnings"]] == [
+        "1 empty or negative box(es) were dropped (whole image).",
+        "1 box(es) reached past their image and were clipped to it.",
+        "1 box(es) outside their image were dropped (whole image).",
+    ]
+    _roundtrip(df, tmp_path)
+
+
 def test_cub_classification_split_file_is_not_used(tmp_path):
     root = make_cub(tmp_path / "CUB_200_2011")
     (root / "train_test_split.txt").unlink()
