@@ -386,10 +386,15 @@ def load_dataset(
     `seed` and `figures_kwargs` (n_classes, images_per_class, size). A folder holding exactly one CSV is
     read as that CSV; any other folder is imported as one sub-folder per class (`val_ratio`, `seed`).
     `figures_kwargs` are ignored for other sources, so notebooks can always pass them.
+    "cub:<folder>" (also cars:, sop:, inshop:) converts a public benchmark (`labkit.public_datasets`).
     """
     if str(source) == "figures":
         root = Path(data_dir) / "figures" if data_dir is not None else None
         return read_dataset(make_figures(root, seed=seed, **figures_kwargs))
+    from labkit import public_datasets  # the public benchmarks, "<name>:<folder>"
+
+    if public_datasets.parse_source(source) is not None:
+        return public_datasets.load(str(source))
     path = Path(source).expanduser()
     if path.is_file():
         return read_dataset(path)
@@ -403,8 +408,8 @@ def load_dataset(
             validate_dataframe(df, source=str(path))
         return df
     raise DatasetError(
-        f"{source}: no such dataset; use 'figures', a CSV in OML format, or a folder with one sub-folder "
-        "per class."
+        f"{source}: no such dataset; use 'figures', a CSV in OML format, a folder with one sub-folder "
+        "per class, or a public benchmark as 'cub:<folder>' (cars:, sop:, inshop:)."
     )
 
 
