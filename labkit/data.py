@@ -255,7 +255,12 @@ def validate_dataframe(
 
 
 def _duplicate_images(
-    df: pd.DataFrame, root: Path | None, is_val: np.ndarray, has_box: np.ndarray, source: str
+    df: pd.DataFrame,
+    root: Path | None,
+    is_val: np.ndarray,
+    has_box: np.ndarray,
+    source: str,
+    positions_in: str = "",
 ) -> list[str]:
     """An error for validation rows listing an image (same path and pixel box) already listed."""
     rows = np.flatnonzero(is_val & df[PATH].notna().to_numpy())
@@ -284,7 +289,7 @@ def _duplicate_images(
     unique = df.index.is_unique  # else (e.g. after pd.concat) name positions, as index labels repeat too
 
     def row(position: int) -> str:
-        return f"row {df.index[position]}" if unique else f"the row at position {position}"
+        return f"row {df.index[position]}" if unique else f"the row at position {position}{positions_in}"
 
     subset = [PATH, *(c for c in BOX if c in df.columns)]
     return [
@@ -640,12 +645,20 @@ class LabeledImages(torch.utils.data.Dataset):
 
 
 class QueryGalleryImages(LabeledImages):
-    """Validation images; adds `.is_query`, `.is_gallery` and the item keys of the same names."""
+    """Validation images; adds `.is_query`, `.is_gallery` and the item keys of the same names.
+
+    A repeated image (same path and box) is refused, as the validator does: it would inflate the metrics.
+    """
 
     def __init__(self, df: pd.DataFrame, transform: Callable | None = None) -> None:
         super().__init__(df, transform)
         self.is_query = self.df[IS_QUERY].map(_parse_flag).fillna(False).astype(bool).to_numpy()
         self.is_gallery = self.df[IS_GALLERY].map(_parse_flag).fillna(False).astype(bool).to_numpy()
+        has_box = np.array([box is not None for box in self._boxes], dtype=bool)
+        every = np.ones(len(df), dtype=bool)
+        repeated = _duplicate_images(df, None, every, has_box, "dataframe", " of the validation rows")
+        if repeated:  # a query would retrieve its own copy
+            raise DatasetError(repeated[0])
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         item = super().__getitem__(idx)

@@ -520,7 +520,8 @@ def _check_history_kept(history_csv: Path, checkpoint: Path, checkpoint_epoch: i
         raise CheckpointError(
             f"Cannot resume from {str(checkpoint)!r} (epoch {checkpoint_epoch}): {str(history_csv)!r} "
             f"already records epoch(s) {', '.join(map(str, later))}, which resuming would train again and "
-            "rewrite. Resume from the run's last checkpoint (resume=True), or start a new run_dir."
+            f"rewrite. Resume from a checkpoint of epoch {later[-1]} (resume=True takes the run's "
+            "checkpoints/last.ckpt), or train in a new run_dir (or again from scratch with overwrite=True)."
         )
 
 

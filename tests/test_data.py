@@ -444,6 +444,12 @@ def test_repeated_validation_image_is_an_error_naming_the_rows(dataset):
         f"({root / 'img/2_0.png'})."
     )
     assert "inflate the metrics" in message and "df.drop_duplicates(subset=['path'])" in message
+    # a dataframe that skipped the validator is refused by the validation dataset (so by train / evaluate)
+    absolute = again.assign(path=[str(root / p) for p in again["path"]])
+    with pytest.raises(
+        DatasetError, match=r"first: the row at position 6 of the validation rows repeats the"
+    ):
+        data.validation_dataset(absolute)
     # one repeat under a new index label, written as an absolute path: named by its row
     one = pd.concat([df, df.loc[[9]].assign(path=str(root / df.loc[9, "path"]))], ignore_index=True)
     assert "1 row(s) (12) repeat a validation image" in _error(one, root)
