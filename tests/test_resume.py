@@ -88,19 +88,21 @@ def test_resume_after_kill_9_between_epochs_continues_and_keeps_the_history(
         """
     )
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=subprocess.PIPE)
+    log = tmp_path / "stderr.txt"
     csv = run_dir / HISTORY_CSV
-    try:
-        deadline = time.monotonic() + 240
-        while not (csv.is_file() and len(pd.read_csv(csv)) >= 3):  # epochs 0, 1, 2 recorded
-            assert process.poll() is None, process.stderr.read().decode()
-            assert time.monotonic() < deadline, "training did not record 2 epochs in time"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.kill()
-        process.wait()
-        process.stderr.close()
+    with log.open("w") as stderr:
+        process = subprocess.Popen([sys.executable, "-c", script], env=env, stderr=stderr)
+        try:
+            deadline = time.monotonic() + 240
+            while not (csv.is_file() and len(pd.read_csv(csv)) >= 3):  # epochs 0, 1, 2 recorded
+                assert process.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, "training did not record 2 epochs in time"
+                time.sleep(0.05)
+            process.send_signal(signal.SIGKILL)
+        finally:
+            process.kill()
+            process.wait()
+    assert process.returncode == -signal.SIGKILL
     recorded = read_history(csv)
     recorded_epoch = int(recorded["epoch"].max())
     saved_epoch = _last(run_dir)["labkit_epoch"]
