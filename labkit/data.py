@@ -266,26 +266,27 @@ def _duplicate_images(
     rows = np.flatnonzero(is_val & df[PATH].notna().to_numpy())
     if len(rows) < 2:
         return []
-    boxes = df[list(BOX)].apply(pd.to_numeric, errors="coerce").to_numpy() if has_box.any() else None
-    keys = [
-        (
-            os.path.normpath(_resolve(df[PATH].iloc[i], root).absolute()),
-            tuple(int(round(float(v))) for v in boxes[i]) if boxes is not None and has_box[i] else None,
-        )
-        for i in rows
-    ]
-    first_of: dict[tuple, int] = {}
-    repeats: list[tuple[int, int]] = []
-    for i, key in zip(rows, keys, strict=True):
-        if key in first_of:
-            repeats.append((int(i), first_of[key]))
-        else:
-            first_of[key] = int(i)
-    if not repeats:
+    base = os.path.abspath(root if root is not None else os.curdir)
+    keys = pd.DataFrame(
+        {
+            PATH: [
+                os.path.normpath(os.path.join(base, os.path.expanduser(str(p)))) for p in df[PATH].iloc[rows]
+            ]
+        }
+    )
+    if has_box.any():
+        boxes = df[list(BOX)].iloc[rows].apply(pd.to_numeric, errors="coerce").to_numpy()
+        pixels = np.where(has_box[rows, None], np.round(boxes), -1.0)  # -1: no box (the whole image)
+        for c, column in enumerate(BOX):
+            keys[column] = pixels[:, c]
+    repeats = np.flatnonzero(keys.duplicated(keep="first").to_numpy())
+    if not len(repeats):
         return []
-    i, j = repeats[0]
-    repeated_path = keys[int(np.flatnonzero(rows == i)[0])][0]
-    repeated = [r for r, _ in repeats]
+    first = repeats[0]
+    same = (keys.iloc[:first] == keys.iloc[first]).all(axis=1).to_numpy()
+    i, j = int(rows[first]), int(rows[np.flatnonzero(same)[0]])
+    repeated_path = keys[PATH].iloc[first]
+    repeated = rows[repeats].tolist()
     unique = df.index.is_unique  # else (e.g. after pd.concat) name positions, as index labels repeat too
 
     def row(position: int) -> str:
