@@ -149,7 +149,7 @@ def _positions_text(positions: Sequence[int]) -> str:
 
 
 def _value_kind(value: Any) -> str:
-    """ "missing" (None, NaN, pd.NA, NaT), "number" (incl. bool), "text" (str, bytes) or the type's name."""
+    """The kind of a value: missing (None, NaN, pd.NA, NaT), number (bool too), text, or its type's name."""
     if value is None or value is pd.NA or value is pd.NaT:
         return "missing"
     if isinstance(value, str | bytes | np.str_ | np.bytes_):

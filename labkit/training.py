@@ -477,8 +477,8 @@ def _resolve_resume(resume: str | Path | bool | None, checkpoints: Path) -> Path
 def _read_resume_checkpoint(path: Path, config: dict[str, Any]) -> int:
     """The last finished epoch of a checkpoint to resume from; CheckpointError if it cannot be used."""
     fix = (
-        "Resume from another checkpoint (resume=<path>, e.g. the run's checkpoints/best.ckpt), or start the "
-        "run again with overwrite=True."
+        "Restore the file from a copy (resume=<path> takes any checkpoint of this run's last epoch), or "
+        "train again with overwrite=True or in a new run_dir."
     )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
