@@ -624,6 +624,14 @@ class LabeledImages(torch.utils.data.Dataset):
         else:
             self.categories = np.full(len(self.df), "", dtype=object)
         self.sequences = self.df[SEQUENCE].to_numpy() if SEQUENCE in self.df.columns else None
+        if self.sequences is not None:  # the same rule as the labels (a missing sequence id is allowed)
+            factorize(
+                self.sequences,
+                f"dataframe: column '{SEQUENCE}'",
+                missing_unique=True,
+                where=lambda positions: _at_rows(self.df.index[positions]),
+                error=DatasetError,
+            )
         self.paths = self.df[PATH].astype(str).tolist()
         if all(c in self.df.columns for c in BOX):
             boxes = self.df[list(BOX)].apply(pd.to_numeric, errors="coerce").to_numpy()

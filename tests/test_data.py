@@ -479,6 +479,9 @@ def test_mixed_label_types_are_refused_by_the_validator_and_the_datasets(dataset
     assert "column 'sequence': mixes numbers and strings (e.g. 1 at row 0 and 's' at row 4)" in _error(
         sequences, root
     )
+    with pytest.raises(DatasetError, match=r"dataframe: column 'sequence': mixes numbers and strings"):
+        data.LabeledImages(sequences)
+    assert len(data.LabeledImages(df.assign(sequence=["a", None, "b", "", "a", np.nan] * 2)).sequences) == 12
 
 
 @pytest.mark.parametrize("box", [(0.2, 0.2, 0.4, 0.4), (3, 3, 3.4, 9)])
