@@ -483,7 +483,8 @@ def _read_resume_checkpoint(path: Path, config: dict[str, Any]) -> int:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        reason = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+        first_sentence = str(error).strip().split("\n")[0].split(". ")[0].rstrip(".")
+        reason = "0 bytes" if path.stat().st_size == 0 else f"{type(error).__name__}: {first_sentence}"
         raise CheckpointError(
             f"Cannot resume from {str(path)!r}: it is not a readable checkpoint ({reason}); it may be empty "
             f"or truncated (a copy or save cut short) or another kind of file. {fix}"

@@ -125,19 +125,21 @@ def finished_run(figures10_df, tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize(
-    ("name", "make"),
+    ("name", "make", "reason"),
     [
-        ("truncated.ckpt", lambda data: data[: len(data) // 2]),
-        ("garbage.ckpt", lambda data: bytes(range(256)) * 40),
-        ("empty.ckpt", lambda data: b""),
+        ("truncated.ckpt", lambda data: data[: len(data) // 2], r"RuntimeError: .*central directory"),
+        ("garbage.ckpt", lambda data: bytes(range(256)) * 40, r"UnpicklingError: Weights only load failed"),
+        ("empty.ckpt", lambda data: b"", r"0 bytes"),
     ],
 )
 def test_resume_from_an_unreadable_checkpoint_names_the_file(
-    figures10_df, finished_run, tmp_path, name, make
+    figures10_df, finished_run, tmp_path, name, make, reason
 ):
     bad = tmp_path / name
     bad.write_bytes(make((finished_run / "checkpoints" / "last.ckpt").read_bytes()))
-    message = rf"Cannot resume from '.*{name}': it is not a readable checkpoint"
+    message = (
+        rf"Cannot resume from '.*{name}': it is not a readable checkpoint \({reason}\); .* overwrite=True"
+    )
     with pytest.raises(CheckpointError, match=message):
         train(figures10_df, run_dir=tmp_path / "run", epochs=2, resume=bad, **RUN)
 
