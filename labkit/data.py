@@ -2,8 +2,10 @@
 
 Format (one row per image): required `label`, `path`, `split` ("train" / "validation"), `is_query`,
 `is_gallery` (booleans on validation rows; may be empty on train rows); optional `category`, `sequence`
-and a box `x_1, y_1, x_2, y_2` (pixels, cropped before the transform). Paths are absolute or relative
-to a dataset root (by default the CSV's folder). Extra columns are kept and ignored.
+and a box `x_1, y_1, x_2, y_2` (pixels, at least one pixel wide and high after rounding; cropped before
+the transform). Paths are absolute or relative to a dataset root (by default the CSV's folder). Extra
+columns are kept and ignored. Labels are all numbers or all strings (compared as given, see
+`labkit.retrieval.factorize`); a validation image (same path and box) is listed once.
 
 In memory (what `read_dataset` / `load_dataset` return) paths are absolute strings and `is_query` /
 `is_gallery` are booleans (False on train rows); validator warnings are in `df.attrs["warnings"]`.
@@ -21,6 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 from PIL import Image, UnidentifiedImageError
+
+from labkit.retrieval import factorize
 
 LABEL = "label"
 PATH = "path"
@@ -53,6 +57,11 @@ def _rows(index: Sequence) -> str:
     shown = ", ".join(str(i) for i in index[:_SHOW])
     more = f" and {len(index) - _SHOW} more" if len(index) > _SHOW else ""
     return f"{len(index)} row(s) ({shown}{more})"
+
+
+def _at_rows(index: Sequence) -> str:
+    index = list(index)
+    return f"row {index[0]}" if len(index) == 1 else _rows(index)
 
 
 def _parse_flag(value: Any) -> bool | None:
@@ -152,6 +161,25 @@ def validate_dataframe(
         )
 
     labels = df[LABEL]
+    given = np.flatnonzero(~(labels.isna() | (labels.astype(str).str.strip() == "")).to_numpy())
+    try:  # the one labelling rule (mixed numbers and strings refused), on the labels not reported empty
+        factorize(
+            labels.iloc[given].to_numpy(),
+            f"{source}: column '{LABEL}'",
+            where=lambda positions: _at_rows(df.index[given[positions]]),
+        )
+    except ValueError as err:
+        errors.append(str(err))
+    if SEQUENCE in df.columns:
+        try:
+            factorize(
+                df[SEQUENCE].to_numpy(),
+                f"{source}: column '{SEQUENCE}'",
+                missing_unique=True,
+                where=lambda positions: _at_rows(df.index[positions]),
+            )
+        except ValueError as err:
+            errors.append(str(err))
     shared = sorted(set(labels[split == TRAIN].dropna()) & set(labels[split == VALIDATION].dropna()), key=str)
     if shared:
         errors.append(
@@ -180,6 +208,22 @@ def validate_dataframe(
                 f"first: {_box_text(df, np.flatnonzero(bad_box)[0])}."
             )
         has_box &= ~bad_box
+        with np.errstate(invalid="ignore"):
+            tiny = has_box & ((np.round(x2) - np.round(x1) < 1) | (np.round(y2) - np.round(y1) < 1))
+        if tiny.any():
+            first = np.flatnonzero(tiny)[0]
+            width, height = (
+                int(np.round(x2[first]) - np.round(x1[first])),
+                int(np.round(y2[first]) - np.round(y1[first])),
+            )
+            errors.append(
+                f"{source}: box less than one pixel wide or high after rounding to whole pixels in "
+                f"{_rows(df.index[tiny])}; first: {_box_text(df, first)} crops to {width}x{height}. "
+                f"Boxes are pixel coordinates ({', '.join(BOX)}), not fractions of the image: multiply "
+                "fractional boxes by the image width and height."
+            )
+        has_box &= ~tiny
+    errors.extend(_duplicate_images(df, root, is_val, has_box, source))
 
     if check_files and not df[PATH].isna().any():
         paths = [_resolve(p, root) for p in df[PATH]]
@@ -210,6 +254,53 @@ def validate_dataframe(
     return found
 
 
+def _duplicate_images(
+    df: pd.DataFrame,
+    root: Path | None,
+    is_val: np.ndarray,
+    has_box: np.ndarray,
+    source: str,
+    positions_in: str = "",
+) -> list[str]:
+    """An error for validation rows listing an image (same path and pixel box) already listed."""
+    rows = np.flatnonzero(is_val & df[PATH].notna().to_numpy())
+    if len(rows) < 2:
+        return []
+    base = os.path.abspath(root if root is not None else os.curdir)
+    keys = pd.DataFrame(
+        {
+            PATH: [
+                os.path.normpath(os.path.join(base, os.path.expanduser(str(p)))) for p in df[PATH].iloc[rows]
+            ]
+        }
+    )
+    if has_box.any():
+        boxes = df[list(BOX)].iloc[rows].apply(pd.to_numeric, errors="coerce").to_numpy()
+        pixels = np.where(has_box[rows, None], np.round(boxes), -1.0)  # -1: no box (the whole image)
+        for c, column in enumerate(BOX):
+            keys[column] = pixels[:, c]
+    repeats = np.flatnonzero(keys.duplicated(keep="first").to_numpy())
+    if not len(repeats):
+        return []
+    first = repeats[0]
+    same = (keys.iloc[:first] == keys.iloc[first]).all(axis=1).to_numpy()
+    i, j = int(rows[first]), int(rows[np.flatnonzero(same)[0]])
+    repeated_path = keys[PATH].iloc[first]
+    repeated = rows[repeats].tolist()
+    unique = df.index.is_unique  # else (e.g. after pd.concat) name positions, as index labels repeat too
+
+    def row(position: int) -> str:
+        return f"row {df.index[position]}" if unique else f"the row at position {position}{positions_in}"
+
+    subset = [PATH, *(c for c in BOX if c in df.columns)]
+    return [
+        f"{source}: {_rows(df.index[repeated] if unique else repeated)} repeat a validation image (same "
+        f"path and box) listed in an earlier row; first: {row(i)} repeats {row(j)} ({repeated_path}). "
+        "A query would find its own copy in the gallery and inflate the metrics; drop the repeats (e.g. "
+        f"df = df.drop_duplicates(subset={subset})) or give each row its own image."
+    ]
+
+
 def _box_text(df: pd.DataFrame, position: int) -> str:
     row = df.iloc[position]
     return f"row {df.index[position]} box ({', '.join(str(row[c]) for c in BOX)})"
@@ -221,6 +312,8 @@ def _check_boxes_inside(df: pd.DataFrame, paths: list[Path], positions: np.ndarr
         try:
             with Image.open(paths[i]) as image:  # reads the header only
                 width, height = image.size
+        except Image.DecompressionBombError as err:
+            return [f"{source}: {_too_large(paths[i], err)}"]
         except (OSError, UnidentifiedImageError) as err:
             return [f"{source}: cannot read image {paths[i]} ({err})."]
         row = df.iloc[i]
@@ -251,16 +344,30 @@ def _normalised(df: pd.DataFrame, root: Path | None) -> pd.DataFrame:
 
 
 def read_dataset(
-    csv_path: str | os.PathLike, root: str | os.PathLike | None = None, *, check_files: bool = True
+    csv_path: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    *,
+    check_files: bool = True,
+    sep: str = ",",
 ) -> pd.DataFrame:
-    """Read and validate an OML CSV; relative paths resolve against `root` (default: the CSV's folder)."""
+    """Read and validate an OML CSV; relative paths resolve against `root` (default: the CSV's folder).
+
+    `sep` is the field delimiter; a file written with another one is refused with the delimiter to pass.
+    """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise DatasetError(f"{csv_path}: no such CSV file.")
     try:
-        df = pd.read_csv(csv_path)
+        df = pd.read_csv(csv_path, sep=sep)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise DatasetError(f"{csv_path}: cannot parse the CSV ({err}).") from err
+    delimiter = _other_delimiter(df.columns, sep)
+    if delimiter is not None:
+        raise DatasetError(
+            f"{csv_path}: the header {sep.join(map(str, df.columns))!r} is separated by {delimiter!r}, not "
+            f"{sep!r}. Pass sep={delimiter!r} (read_dataset({str(csv_path)!r}, sep={delimiter!r})), or save "
+            f"the file comma-separated: pd.read_csv(path, sep={delimiter!r}).to_csv(path, index=False)."
+        )
     root = Path(root) if root is not None else csv_path.parent
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -270,6 +377,26 @@ def read_dataset(
     out = _normalised(df, root)
     out.attrs.update(source=str(csv_path), warnings=found)
     return out
+
+
+def _other_delimiter(columns: Sequence, sep: str) -> str | None:
+    """The delimiter that splits a header lacking the required columns into them, if any."""
+    if all(c in columns for c in REQUIRED_COLUMNS):
+        return None
+    header = sep.join(map(str, columns))
+    for delimiter in (";", "\t", "|", ",", " "):
+        if delimiter != sep and all(
+            c in [p.strip() for p in header.split(delimiter)] for c in REQUIRED_COLUMNS
+        ):
+            return delimiter
+    return None
+
+
+def _is_oml_csv(path: Path) -> bool:
+    try:
+        return all(c in pd.read_csv(path, nrows=0).columns for c in REQUIRED_COLUMNS)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError):
+        return False
 
 
 def write_dataset(
@@ -383,8 +510,9 @@ def load_dataset(
     """Load a validated dataset with absolute paths from "figures", a CSV, or a folder.
 
     "figures" generates the embedded dataset under `data_dir/figures` (default data dir when None) with
-    `seed` and `figures_kwargs` (n_classes, images_per_class, size). A folder holding exactly one CSV is
-    read as that CSV; any other folder is imported as one sub-folder per class (`val_ratio`, `seed`).
+    `seed` and `figures_kwargs` (n_classes, images_per_class, size). A folder holding exactly one CSV with
+    the OML columns is read as that CSV; any other folder (a stray CSV beside class sub-folders is ignored,
+    with a warning) is imported as one sub-folder per class (`val_ratio`, `seed`).
     `figures_kwargs` are ignored for other sources, so notebooks can always pass them.
     "cub:<folder>" (also cars:, sop:, inshop:) converts a public benchmark (`labkit.public_datasets`).
     """
@@ -400,9 +528,17 @@ def load_dataset(
         return read_dataset(path)
     if path.is_dir():
         csvs = sorted(path.glob("*.csv"))
-        if len(csvs) == 1:
-            return read_dataset(csvs[0])
+        if len(csvs) == 1 and (_is_oml_csv(csvs[0]) or not _has_class_folders(path)):
+            return read_dataset(csvs[0])  # an OML CSV, or the CSV's own error (e.g. its delimiter)
         df = import_image_folder(path, val_ratio=val_ratio, seed=seed)
+        if len(csvs) == 1:
+            warnings.warn(
+                f"{path}: imported as an image folder (one sub-folder per class); {csvs[0].name} there is "
+                f"not an OML dataset CSV (it lacks some of the columns {', '.join(REQUIRED_COLUMNS)}) and "
+                "was ignored.",
+                UserWarning,
+                stacklevel=2,
+            )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # already emitted by the importer
             validate_dataframe(df, source=str(path))
@@ -411,6 +547,15 @@ def load_dataset(
         f"{source}: no such dataset; use 'figures', a CSV in OML format, a folder with one sub-folder "
         "per class, or a public benchmark as 'cub:<folder>' (cars:, sop:, inshop:)."
     )
+
+
+def _has_class_folders(folder: Path) -> bool:
+    """Whether `folder` has a sub-folder holding an image (as an image folder of classes does)."""
+    for sub in folder.iterdir():
+        if sub.is_dir() and not sub.name.startswith("."):
+            if any(p.suffix.lower() in IMAGE_EXTENSIONS for p in sub.rglob("*") if p.is_file()):
+                return True
+    return False
 
 
 # ------------------------------------------------------------------------------------------ images
@@ -422,11 +567,27 @@ def load_image(path: str | os.PathLike, box: Sequence[float] | None = None) -> I
         with Image.open(path) as image:
             image.load()
             image = _to_rgb(image)
+    except Image.DecompressionBombError as err:
+        raise DatasetError(_too_large(path, err)) from err
     except (OSError, UnidentifiedImageError, ValueError) as err:
         raise DatasetError(f"{path}: cannot read the image ({err}).") from err
     if box is not None:
-        image = image.crop(tuple(int(round(float(v))) for v in box))
+        pixels = tuple(int(round(float(v))) for v in box)
+        if pixels[2] - pixels[0] < 1 or pixels[3] - pixels[1] < 1:
+            raise DatasetError(
+                f"{path}: box {tuple(float(v) for v in box)} is less than one pixel wide or high after "
+                f"rounding to whole pixels {pixels}; boxes are pixel coordinates ({', '.join(BOX)}), not "
+                "fractions of the image."
+            )
+        image = image.crop(pixels)
     return image
+
+
+def _too_large(path: str | os.PathLike, err: Exception) -> str:
+    return (
+        f"{path}: the image is too large to open safely ({err}). Downscale the file (e.g. to a few thousand "
+        "pixels a side), or, if you trust it, raise PIL.Image.MAX_IMAGE_PIXELS before loading."
+    )
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -455,14 +616,27 @@ class LabeledImages(torch.utils.data.Dataset):
             raise DatasetError(f"dataframe: missing column(s) {', '.join(missing)} for a dataset.")
         self.df = df.reset_index(drop=True)
         self.transform = transform if transform is not None else _to_tensor()
-        names, codes = np.unique(self.df[LABEL].to_numpy(), return_inverse=True)
+        names, codes = factorize(
+            self.df[LABEL].to_numpy(),
+            f"dataframe: column '{LABEL}'",
+            where=lambda positions: _at_rows(self.df.index[positions]),
+            error=DatasetError,
+        )
         self.label_names = names
-        self.labels = codes.astype(np.int64)
+        self.labels = codes
         if CATEGORY in self.df.columns:
             self.categories = self.df[CATEGORY].fillna("").astype(str).to_numpy()
         else:
             self.categories = np.full(len(self.df), "", dtype=object)
         self.sequences = self.df[SEQUENCE].to_numpy() if SEQUENCE in self.df.columns else None
+        if self.sequences is not None:  # the same rule as the labels (a missing sequence id is allowed)
+            factorize(
+                self.sequences,
+                f"dataframe: column '{SEQUENCE}'",
+                missing_unique=True,
+                where=lambda positions: _at_rows(self.df.index[positions]),
+                error=DatasetError,
+            )
         self.paths = self.df[PATH].astype(str).tolist()
         if all(c in self.df.columns for c in BOX):
             boxes = self.df[list(BOX)].apply(pd.to_numeric, errors="coerce").to_numpy()
@@ -485,12 +659,20 @@ class LabeledImages(torch.utils.data.Dataset):
 
 
 class QueryGalleryImages(LabeledImages):
-    """Validation images; adds `.is_query`, `.is_gallery` and the item keys of the same names."""
+    """Validation images; adds `.is_query`, `.is_gallery` and the item keys of the same names.
+
+    A repeated image (same path and box) is refused, as the validator does: it would inflate the metrics.
+    """
 
     def __init__(self, df: pd.DataFrame, transform: Callable | None = None) -> None:
         super().__init__(df, transform)
         self.is_query = self.df[IS_QUERY].map(_parse_flag).fillna(False).astype(bool).to_numpy()
         self.is_gallery = self.df[IS_GALLERY].map(_parse_flag).fillna(False).astype(bool).to_numpy()
+        has_box = np.array([box is not None for box in self._boxes], dtype=bool)
+        every = np.ones(len(df), dtype=bool)
+        repeated = _duplicate_images(df, None, every, has_box, "dataframe", " of the validation rows")
+        if repeated:  # a query would retrieve its own copy
+            raise DatasetError(repeated[0])
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         item = super().__getitem__(idx)

@@ -17,21 +17,28 @@ less than ~1e-6 * (||q||^2 + ||g||^2) in squared distance may swap places (as in
 uses the same expansion); the returned distances themselves are exact float32.
 
 `knn` is the same search without labels and exclusions (for stores and query expansion).
+
+Labels (and sequence ids) are coded by `factorize`, the one rule the data layer, retrieval and metrics
+share: values compared as given (numbers by value, strings as strings), a mix of numbers and strings
+refused, missing labels refused (a missing sequence id means "no sequence").
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import numbers
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 
 __all__ = [
     "DEFAULT_CHUNK_BYTES",
     "RetrievalResults",
     "as_codes",
+    "factorize",
     "faiss_available",
     "iter_pair_distances",
     "knn",
@@ -133,34 +140,102 @@ def _to_numpy(x: ArrayLike, name: str) -> np.ndarray:
         ) from e
 
 
-def as_codes(values: ArrayLike, name: str, n: int, *, missing_unique: bool = False) -> torch.Tensor:
-    """Integer codes (int64 tensor, CPU) for arbitrary per-item values (ints, strings, ...).
+def _positions_text(positions: Sequence[int]) -> str:
+    positions = list(positions)
+    if len(positions) == 1:
+        return f"item {positions[0]}"
+    shown = ", ".join(str(p) for p in positions[:5])
+    return f"item(s) {shown}{f' and {len(positions) - 5} more' if len(positions) > 5 else ''}"
 
-    Integer inputs are kept as they are; other values are factorised (equal values -> equal codes).
-    With `missing_unique`, None/NaN/"" mean "no value" and get code -1.
+
+def _value_kind(value: Any) -> str:
+    """The kind of a value: missing (None, NaN, pd.NA, NaT), number (bool too), text, or its type's name."""
+    if value is None or value is pd.NA or value is pd.NaT:
+        return "missing"
+    if isinstance(value, str | bytes | np.str_ | np.bytes_):
+        return "text"
+    if isinstance(value, numbers.Number | np.number | np.bool_):
+        return "missing" if isinstance(value, float | np.floating) and value != value else "number"
+    return type(value).__name__
+
+
+def factorize(
+    values: ArrayLike,
+    name: str,
+    *,
+    missing_unique: bool = False,
+    where: Callable[[Sequence[int]], str] = _positions_text,
+    error: type[Exception] = ValueError,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The one rule for coding labels (and sequence ids): ``(uniques, codes)`` with int64 codes.
+
+    Values are compared as given: numbers by value (``1 == 1.0``), strings as strings (``"1" != "01"``),
+    and a mix of numbers and strings (or other types) is refused, as ``1`` vs ``"1"`` has no safe reading.
+    Missing values (None, NaN, pd.NA) are refused too, or with ``missing_unique`` (sequence ids) they, and
+    "", mean "no value" and get code -1. Errors (``error``, message starting with ``name``, items named by
+    ``where(positions)``) say what to do. Uniques are sorted when the values can be ordered.
+    """
+    arr = _to_numpy(values, name)
+    if arr.ndim != 1:
+        raise error(f"{name}: expected one value per item (a 1-d array), got shape {arr.shape}.")
+    n = len(arr)
+    if arr.dtype.kind in "iub":
+        uniques, inverse = np.unique(arr, return_inverse=True)
+        return uniques, inverse.reshape(-1).astype(np.int64)
+    if arr.dtype.kind == "f":
+        kinds = np.where(np.isnan(arr), "missing", "number")
+    elif arr.dtype.kind in "US":
+        kinds = np.full(n, "text", dtype=object)
+    elif arr.dtype.kind == "O":
+        kinds = np.array([_value_kind(v) for v in arr], dtype=object)
+    else:
+        kinds = np.full(n, arr.dtype.kind, dtype=object)
+    missing = kinds == "missing"
+    if missing_unique and arr.dtype.kind in "USO":
+        missing |= np.array(
+            [kind == "text" and len(v) == 0 for kind, v in zip(kinds, arr, strict=True)], bool
+        )
+    problems = []
+    present = sorted(set(kinds[~missing].tolist()))
+    if len(present) > 1:
+        first = {kind: int(np.flatnonzero((kinds == kind) & ~missing)[0]) for kind in present}
+        examples = " and ".join(f"{arr[i]!r} at {where([i])}" for i in first.values())
+        described = "numbers and strings" if present == ["number", "text"] else "types " + ", ".join(present)
+        problems.append(
+            f"mixes {described} (e.g. {examples}); values are compared as given, so 1 and '1' would be two "
+            "different labels. Convert them to one type first, e.g. .astype(str) for all strings or "
+            "pd.to_numeric(...) for all numbers."
+        )
+    if missing.any() and not missing_unique:
+        problems.append(
+            f"{int(missing.sum())} missing value(s) (None/NaN) at {where(np.flatnonzero(missing))}; every "
+            "item needs a value. Drop those items or give them one."
+        )
+    if problems:
+        raise error(f"{name}: " + " Also: ".join(problems))
+    codes = np.full(n, -1, dtype=np.int64)
+    kept = arr[~missing]
+    try:
+        uniques, inverse = np.unique(kept, return_inverse=True)
+    except TypeError:  # values of one type that cannot be ordered: first-seen order
+        inverse, uniques = pd.factorize(pd.Series(kept, dtype=object), use_na_sentinel=False)
+    codes[~missing] = np.asarray(inverse).reshape(-1)
+    return np.asarray(uniques), codes
+
+
+def as_codes(values: ArrayLike, name: str, n: int, *, missing_unique: bool = False) -> torch.Tensor:
+    """Integer codes (int64 tensor, CPU) for per-item values by :func:`factorize`'s rule.
+
+    Integer inputs are kept as they are; other values are factorised (equal values -> equal codes); mixed
+    numbers and strings, and missing values, raise ValueError. With `missing_unique`, None/NaN/"" mean
+    "no value" and get code -1.
     """
     arr = _to_numpy(values, name)
     if arr.ndim != 1 or len(arr) != n:
         raise ValueError(f"{name}: expected one value per item (shape ({n},)), got shape {arr.shape}.")
     if arr.dtype.kind in "iub" and not missing_unique:
         return torch.from_numpy(arr.astype(np.int64, copy=False))
-    missing = np.zeros(n, dtype=bool)
-    if missing_unique:
-        if arr.dtype.kind == "f":
-            missing = np.isnan(arr)
-        elif arr.dtype.kind == "O":
-            missing = np.array([v is None or v == "" or (isinstance(v, float) and v != v) for v in arr], bool)
-        elif arr.dtype.kind in "US":
-            missing = arr == arr.dtype.type("")
-    codes = np.full(n, -1, dtype=np.int64)
-    if (~missing).any():
-        kept = arr[~missing]
-        try:
-            _, inverse = np.unique(kept, return_inverse=True)
-        except TypeError:  # mixed types: compare as strings
-            _, inverse = np.unique(kept.astype(str), return_inverse=True)
-        codes[~missing] = inverse.reshape(-1)
-    return torch.from_numpy(codes)
+    return torch.from_numpy(factorize(arr, name, missing_unique=missing_unique)[1])
 
 
 def _as_mask(x: ArrayLike, name: str, n: int) -> torch.Tensor:

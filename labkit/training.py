@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -19,7 +20,7 @@ from typing import Any
 import lightning as L
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -48,6 +49,10 @@ SCHEDULES = (None, "cosine")
 EPOCH_KEY = "labkit_epoch"  # checkpoint key: the last validated epoch (1-based) when it was saved
 
 _COUNTS = ("n_queries", "n_skipped")  # flattened metric keys that are counts, not metrics
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that training cannot resume from; the message names the file and what to do."""
 
 
 # ----------------------------------------------------------------------------------------------- module
@@ -291,7 +296,9 @@ class RetrievalValidation(Callback):
     Embeds ``dataset`` (a :class:`~labkit.data.QueryGalleryImages`; split across ranks under DDP and
     gathered), computes the metrics, logs them as ``val/<metric>`` (e.g. ``val/cmc@1``,
     ``val/<category>/cmc@1``) and keeps a per-epoch history (``epoch``, ``step``, ``loss``, metric columns)
-    that is saved in checkpoints and, when ``history_csv`` is given, written there by rank 0 after each epoch.
+    that is saved in checkpoints and, when ``history_csv`` is given, written there by rank 0 after each epoch
+    (with ``csv_after_checkpoint`` only epoch 0 is written here; :class:`LastCheckpoint` writes the later
+    rows once ``last.ckpt`` holds them, so the CSV never shows an epoch a resume would train again).
     """
 
     def __init__(
@@ -304,9 +311,11 @@ class RetrievalValidation(Callback):
         cmc_k: Sequence[int] = (1, 5),
         precision_k: Sequence[int] = (5,),
         map_k: Sequence[int] = (5,),
+        csv_after_checkpoint: bool = False,
     ) -> None:
         self.dataset = dataset
         self.history_csv = Path(history_csv) if history_csv else None
+        self.csv_after_checkpoint = csv_after_checkpoint
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.ks = {"cmc_k": tuple(cmc_k), "precision_k": tuple(precision_k), "map_k": tuple(map_k)}
@@ -340,8 +349,15 @@ class RetrievalValidation(Callback):
         self.history.append({"epoch": epoch, "step": trainer.global_step, "loss": loss, **flat})
         # same values on every rank: no sync needed, and monitoring callbacks find the key on each rank
         pl_module.log_dict({METRIC_PREFIX + k: v for k, v in flat.items()}, on_step=False, on_epoch=True)
+        if epoch == 0 or not self.csv_after_checkpoint:
+            self.write_history(trainer)
+
+    def write_history(self, trainer: L.Trainer) -> None:
+        """Write the history to ``history_csv`` (rank 0; a temporary file replaces it in one step)."""
         if trainer.is_global_zero and self.history_csv is not None:
-            self.history_frame().to_csv(self.history_csv, index=False)
+            partial = self.history_csv.with_name(self.history_csv.name + ".partial")
+            self.history_frame().to_csv(partial, index=False)
+            os.replace(partial, self.history_csv)
 
     def on_save_checkpoint(
         self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
@@ -357,6 +373,28 @@ class RetrievalValidation(Callback):
 
     def history_frame(self) -> pd.DataFrame:
         return _history_frame(self.history)
+
+
+class LastCheckpoint(Checkpoint):
+    """Saves ``<dirpath>/last.ckpt`` at the end of every training epoch (after validation and the best
+    checkpoint), so it is always the final state; written to a temporary file that then replaces it, so a
+    run killed while saving keeps the previous ``last.ckpt``. Then ``validation`` writes its history CSV.
+
+    (Lightning 2.6's ``ModelCheckpoint(save_last=True)`` writes ``last.ckpt`` only in epochs that also
+    save a monitored checkpoint, so a resume could go back epochs and rewrite the history.)
+    """
+
+    def __init__(self, dirpath: str | Path, validation: RetrievalValidation | None = None) -> None:
+        self.path = Path(dirpath) / f"{LAST_NAME}.ckpt"
+        self.validation = validation
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        partial = self.path.with_name(self.path.name + ".partial")
+        trainer.save_checkpoint(partial)  # every rank calls it; rank 0 writes
+        if trainer.is_global_zero:
+            os.replace(partial, self.path)
+        if self.validation is not None:
+            self.validation.write_history(trainer)
 
 
 def _history_frame(rows: list[dict]) -> pd.DataFrame:
@@ -436,6 +474,58 @@ def _resolve_resume(resume: str | Path | bool | None, checkpoints: Path) -> Path
     return path
 
 
+def _read_resume_checkpoint(path: Path, config: dict[str, Any]) -> int:
+    """The last finished epoch of a checkpoint to resume from; CheckpointError if it cannot be used."""
+    fix = (
+        "Restore the file from a copy (resume=<path> takes any checkpoint of this run's last epoch), or "
+        "train again with overwrite=True or in a new run_dir."
+    )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        first_sentence = str(error).strip().split("\n")[0].split(". ")[0].rstrip(".")
+        reason = "0 bytes" if path.stat().st_size == 0 else f"{type(error).__name__}: {first_sentence}"
+        raise CheckpointError(
+            f"Cannot resume from {str(path)!r}: it is not a readable checkpoint ({reason}); it may be empty "
+            f"or truncated (a copy or save cut short) or another kind of file. {fix}"
+        ) from error
+    saved_config = (
+        (state.get("hyper_parameters") or {}).get(CHECKPOINT_CONFIG_KEY) if isinstance(state, dict) else None
+    )
+    if not isinstance(saved_config, dict) or "state_dict" not in state:
+        raise CheckpointError(
+            f"Cannot resume from {str(path)!r}: it is not a labkit training checkpoint (no model state and "
+            f"extractor config in it). {fix}"
+        )
+    differ = {k: (saved_config.get(k), v) for k, v in config.items() if saved_config.get(k) != v}
+    if differ:
+        raise CheckpointError(
+            f"Cannot resume from {str(path)!r}: it was trained with "
+            f"{', '.join(f'{k}={saved!r}' for k, (saved, _) in differ.items())} but this call asks for "
+            f"{', '.join(f'{k}={asked!r}' for k, (_, asked) in differ.items())}. Pass the checkpoint's "
+            "settings to resume it, or train the new model in another run_dir."
+        )
+    return int(state.get(EPOCH_KEY, 0))
+
+
+def _check_history_kept(history_csv: Path, checkpoint: Path, checkpoint_epoch: int) -> None:
+    """Refuse a resume that would train again epochs already in the history (it is never rewritten)."""
+    if not history_csv.is_file():
+        return
+    try:
+        recorded = pd.read_csv(history_csv, usecols=["epoch"])["epoch"]
+    except (ValueError, pd.errors.ParserError, pd.errors.EmptyDataError):
+        return
+    later = sorted(int(e) for e in recorded if e > checkpoint_epoch)
+    if later:
+        raise CheckpointError(
+            f"Cannot resume from {str(checkpoint)!r} (epoch {checkpoint_epoch}): {str(history_csv)!r} "
+            f"already records epoch(s) {', '.join(map(str, later))}, which resuming would train again and "
+            f"rewrite. Resume from a checkpoint of epoch {later[-1]} (resume=True takes the run's "
+            "checkpoints/last.ckpt), or train in a new run_dir (or again from scratch with overwrite=True)."
+        )
+
+
 def _prepare_checkpoints(checkpoints: Path, *, resuming: bool, overwrite: bool) -> None:
     existing = sorted(p.name for p in checkpoints.iterdir()) if checkpoints.is_dir() else []
     if existing and not resuming:
@@ -490,11 +580,15 @@ def train(
 ) -> TrainResult:
     """Train an extractor on ``df``'s train split, validating on its validation split after every epoch.
 
-    Writes into ``run_dir``: ``checkpoints/best.ckpt`` (best ``monitor``, e.g. "cmc@1") and ``last.ckpt``,
-    ``logs/`` (CSV and TensorBoard), ``train_history.csv`` and (``export=True``) ``extractor.pt``, the best
-    extractor's weights for :func:`labkit.models.load_extractor`. A non-empty ``checkpoints/`` is refused
-    unless ``resume`` (True/"last" or a checkpoint path; training then continues up to ``epochs`` in all, with
-    the optimiser state restored) or ``overwrite=True``. ``max_steps`` (None = no limit) stops earlier.
+    Writes into ``run_dir``: ``checkpoints/best.ckpt`` (best ``monitor``, e.g. "cmc@1") and ``last.ckpt``
+    (the state after the last finished epoch, replaced every epoch), ``logs/`` (CSV and TensorBoard),
+    ``train_history.csv`` (a row is written once ``last.ckpt`` holds its epoch) and (``export=True``)
+    ``extractor.pt``, the best extractor's weights for :func:`labkit.models.load_extractor`. A non-empty
+    ``checkpoints/`` is refused unless ``resume`` (True/"last" or a checkpoint path; training then continues
+    from the checkpoint's epoch up to ``epochs`` in all, with the optimiser state restored) or
+    ``overwrite=True``. Resuming never rewrites the history: a checkpoint older than the history's last
+    epoch, unreadable, or of another architecture raises :class:`CheckpointError` naming the file.
+    ``max_steps`` (None = no limit) stops earlier.
     ``devices=2, strategy="ddp"`` trains with DDP (from a script, not a notebook); validation metrics then
     equal a one-process evaluation of the same weights.
 
@@ -527,6 +621,9 @@ def train(
         normalize=normalize,
         image_size=image_size,
     )
+    if ckpt_path is not None:
+        resumed_epoch = _read_resume_checkpoint(ckpt_path, extractor.config)
+        _check_history_kept(run_dir / HISTORY_CSV, ckpt_path, resumed_epoch)
     train_set = lkdata.train_dataset(df, extractor.transforms(train=True))
     val_set = lkdata.validation_dataset(df, extractor.transforms(train=False))
     if len(train_set) == 0 or len(val_set) == 0:
@@ -549,6 +646,7 @@ def train(
         cmc_k=cmc_k,
         precision_k=precision_k,
         map_k=map_k,
+        csv_after_checkpoint=True,
     )
     checkpointing = ModelCheckpoint(
         dirpath=checkpoints,
@@ -556,7 +654,7 @@ def train(
         monitor=METRIC_PREFIX + monitor,
         mode=monitor_mode,
         save_top_k=1,
-        save_last=True,
+        save_last=False,  # LastCheckpoint writes last.ckpt after every epoch
         auto_insert_metric_name=False,
         enable_version_counter=False,
     )
@@ -572,7 +670,7 @@ def train(
             strategy=strategy,
             max_epochs=epochs,
             max_steps=-1 if max_steps is None or max_steps < 0 else int(max_steps),
-            callbacks=[validation, checkpointing],
+            callbacks=[validation, checkpointing, LastCheckpoint(checkpoints, validation)],
             logger=[
                 CSVLogger(run_dir / LOGS_DIR, name="csv"),
                 TensorBoardLogger(run_dir / LOGS_DIR, name="tensorboard", default_hp_metric=False),

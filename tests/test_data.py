@@ -428,3 +428,131 @@ def test_plot_sample_grid(dataset):
     assert sum(len(ax.images) for ax in fig.axes) == 6
     big = plot_sample_grid(df, n_classes=10, n_per_class=5)  # capped by what the dataset holds
     assert len(big.axes) == 20 and sum(len(ax.images) for ax in big.axes) == 12
+
+
+# ------------------------------------------------------------------------ issue 14: refused inputs
+
+
+def test_repeated_validation_image_is_an_error_naming_the_rows(dataset):
+    df, root = dataset
+    # the issue's case: validation rows appended once more (index labels repeat, so positions are named)
+    again = pd.concat([df, df[df["split"] == "validation"]])
+    message = _error(again, root, source="d.csv")
+    assert message.startswith(
+        "d.csv: 6 row(s) (12, 13, 14, 15, 16 and 1 more) repeat a validation image (same path and box) "
+        "listed in an earlier row; first: the row at position 12 repeats the row at position 6 "
+        f"({root / 'img/2_0.png'})."
+    )
+    assert "inflate the metrics" in message and "df.drop_duplicates(subset=['path'])" in message
+    # a dataframe that skipped the validator is refused by the validation dataset (so by train / evaluate)
+    absolute = again.assign(path=[str(root / p) for p in again["path"]])
+    with pytest.raises(
+        DatasetError, match=r"first: the row at position 6 of the validation rows repeats the"
+    ):
+        data.validation_dataset(absolute)
+    # one repeat under a new index label, written as an absolute path: named by its row
+    one = pd.concat([df, df.loc[[9]].assign(path=str(root / df.loc[9, "path"]))], ignore_index=True)
+    assert "1 row(s) (12) repeat a validation image" in _error(one, root)
+    assert "first: row 12 repeats row 9" in _error(one, root)
+    # other crops of one image, and repeated train rows, are fine
+    crops = _with_box(pd.concat([df, df.loc[[9]]], ignore_index=True), 12, (0, 0, 5, 5))
+    assert data.validate_dataframe(crops, root) == []
+    assert data.validate_dataframe(pd.concat([df, df.loc[[0]]], ignore_index=True), root) == []
+
+
+def test_mixed_label_types_are_refused_by_the_validator_and_the_datasets(dataset):
+    df, root = dataset
+    mixed = df.assign(label=df["label"].astype(object))
+    mixed.loc[[8, 9, 10, 11], "label"] = "3"
+    message = _error(mixed, root, source="m.csv")
+    assert message.startswith(
+        "m.csv: column 'label': mixes numbers and strings (e.g. 0 at row 0 and '3' at row 8); values are "
+        "compared as given, so 1 and '1' would be two different labels. Convert them to one type first"
+    )
+    with pytest.raises(
+        DatasetError, match=r"dataframe: column 'label': mixes numbers and strings .*'3' at row 8"
+    ):
+        data.LabeledImages(mixed)  # was a raw TypeError from np.unique
+    strings = data.LabeledImages(mixed.assign(label=mixed["label"].astype(str)))
+    assert strings.label_names.tolist() == ["0", "1", "2", "3"]
+    sequences = df.assign(sequence=[1, 1, 2, None, "s", "s", 3, 3, 4, 4, 5, 5])
+    assert "column 'sequence': mixes numbers and strings (e.g. 1 at row 0 and 's' at row 4)" in _error(
+        sequences, root
+    )
+    with pytest.raises(DatasetError, match=r"dataframe: column 'sequence': mixes numbers and strings"):
+        data.LabeledImages(sequences)
+    assert len(data.LabeledImages(df.assign(sequence=["a", None, "b", "", "a", np.nan] * 2)).sequences) == 12
+
+
+@pytest.mark.parametrize("box", [(0.2, 0.2, 0.4, 0.4), (3, 3, 3.4, 9)])
+def test_box_under_one_pixel_after_rounding_is_refused(dataset, box):
+    df, root = dataset
+    message = _error(_with_box(df, 3, box), root, source="b.csv")
+    assert message.startswith(
+        "b.csv: box less than one pixel wide or high after rounding to whole pixels in 1 row(s) (3); first: "
+        f"row 3 box ({', '.join(map(str, map(float, box)))}) crops to "
+    )
+    assert "not fractions of the image" in message
+    image = root / df.loc[3, "path"]
+    with pytest.raises(
+        DatasetError, match=rf"{image}: box \(0\.2, 0\.2, 0\.4, 0\.4\) is less than one pixel"
+    ):
+        data.load_image(image, (0.2, 0.2, 0.4, 0.4))
+    assert data.load_image(image, (0.2, 0.2, 1.6, 1.6)).size == (2, 2)
+
+
+def _huge_png(path: Path, width: int, height: int) -> Path:
+    """A valid 1-bit PNG of width x height black pixels (a few kB: no decoder runs to make it)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    rows = (b"\x00" * (1 + (width + 7) // 8)) * height
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(rows))
+        + chunk(b"IEND", b"")
+    )
+    return path
+
+
+def test_decompression_bomb_image_is_named_with_what_to_do(dataset):
+    df, root = dataset
+    big = _huge_png(root / "img" / "2_0.png", 20000, 20000)  # replaces a validation image
+    with pytest.raises(DatasetError, match=rf"{big}: the image is too large to open safely \(Image size "):
+        data.load_image(big)
+    with pytest.raises(DatasetError, match=r"2_0\.png: .*Downscale the file .* PIL\.Image\.MAX_IMAGE_PIXELS"):
+        data.validation_dataset(df.assign(path=[str(root / p) for p in df["path"]]))[0]
+    with_box = _with_box(df, 6, (0, 0, 4, 4))
+    assert f"b.csv: {big}: the image is too large to open safely" in _error(with_box, root, source="b.csv")
+
+
+def test_semicolon_csv_names_the_delimiter_to_pass(dataset):
+    df, root = dataset
+    csv = root / "semi.csv"
+    df.to_csv(csv, sep=";", index=False)
+    with pytest.raises(DatasetError) as info:
+        data.read_dataset(csv)
+    assert str(info.value) == (
+        f"{csv}: the header 'label;path;split;is_query;is_gallery' is separated by ';', not ','. Pass "
+        f"sep=';' (read_dataset('{csv}', sep=';')), or save the file comma-separated: "
+        "pd.read_csv(path, sep=';').to_csv(path, index=False)."
+    )
+    assert len(data.read_dataset(csv, sep=";")) == len(df)
+
+
+def test_folder_with_a_stray_csv_is_read_as_an_image_folder(tmp_path):
+    folder = _image_folder(tmp_path / "imgs", n_classes=4)
+    (folder / "notes.csv").write_text("what,when\nphotos,2024\n")
+    with pytest.warns(UserWarning, match=r"imported as an image folder .*notes\.csv there is not an OML"):
+        loaded = data.load_dataset(folder, seed=3)
+    pd.testing.assert_frame_equal(loaded, data.import_image_folder(folder, seed=3))
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "notes.csv").write_text("what,when\nphotos,2024\n")  # no class folders: the CSV's own error
+    with pytest.raises(DatasetError, match=r"notes\.csv: missing required column\(s\) 'label'"):
+        data.load_dataset(lone)

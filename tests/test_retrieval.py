@@ -211,3 +211,66 @@ def test_empty_query_or_gallery_sets():
     only_self = np.arange(12) == 4
     res = R.retrieve(x, labels, only_self, only_self, k=2)
     assert res.retrieved.tolist() == [[-1, -1]] and res.n_relevant.tolist() == [0]
+
+
+# ------------------------------------------------------------------ issue 14: one rule for label values
+
+
+def test_mixed_and_missing_labels_are_refused_by_retrieval_and_metrics():
+    from labkit.metrics import retrieval_metrics
+
+    x = np.random.default_rng(0).normal(size=(12, 4)).astype(np.float32)
+    flags = np.ones(12, dtype=bool)
+    issue = np.array([1, "1", 1.0, "a", None, 2] * 2, dtype=object)  # the issue's labels
+    expected = (
+        "labels: mixes numbers and strings (e.g. 1 at item 0 and '1' at item 1); values are compared as "
+        "given, so 1 and '1' would be two different labels. Convert them to one type first, e.g. "
+        ".astype(str) for all strings or pd.to_numeric(...) for all numbers. Also: 2 missing value(s) "
+        "(None/NaN) at item(s) 4, 10; every item needs a value. Drop those items or give them one."
+    )
+    for run in (
+        lambda labels: R.retrieve(x, labels, flags, flags, k=3),
+        lambda labels: retrieval_metrics(x, labels, flags, flags, pcf_variance=()),
+    ):
+        with pytest.raises(ValueError) as info:
+            run(issue)
+        assert str(info.value) == expected
+        with pytest.raises(
+            ValueError, match=r"labels: 3 missing value\(s\) \(None/NaN\) at item\(s\) 3, 7, 11;"
+        ):
+            run(np.array([1.0, 2.0, 1.0, np.nan] * 3))  # NaN labels were merged into one label
+
+
+def test_labels_are_compared_as_given():
+    x = np.random.default_rng(1).normal(size=(8, 3)).astype(np.float32)
+    flags = np.ones(8, dtype=bool)
+
+    def relevant(labels):
+        return R.retrieve(x, labels, flags, flags, k=7).relevant
+
+    ints = relevant(np.array([1, 1, 2, 2, 3, 3, 4, 4]))
+    # numbers by value: 1 and 1.0 are one label (also as Python objects and with a float column)
+    assert torch.equal(relevant(np.array([1, 1.0, 2, 2.0, 3, 3, 4.0, 4], dtype=object)), ints)
+    assert torch.equal(relevant(np.array([1.0, 1, 2, 2, 3, 3, 4, 4], dtype=np.float64)), ints)
+    # strings as strings: "1" and "01" are two labels
+    strings = relevant(np.array(["1", "01", "2", "2", "3", "3", "4", "4"]))
+    assert not torch.equal(strings, ints)
+    assert torch.equal(strings, relevant(np.array([1, 5, 2, 2, 3, 3, 4, 4])))
+    uniques, codes = R.factorize(np.array(["b", "a", "b"], dtype=object), "labels")
+    assert uniques.tolist() == ["a", "b"] and codes.tolist() == [1, 0, 1]
+
+
+def test_missing_sequence_ids_still_mean_no_sequence_but_mixed_ones_are_refused():
+    codes = R.as_codes(
+        np.array(["a", "", None, np.nan, "b", "a"], dtype=object), "sequence_ids", 6, missing_unique=True
+    )
+    assert codes.tolist() == [0, -1, -1, -1, 1, 0]
+    assert R.as_codes(np.array([7.0, np.nan, 7.0]), "sequence_ids", 3, missing_unique=True).tolist() == [
+        0,
+        -1,
+        0,
+    ]
+    with pytest.raises(
+        ValueError, match=r"sequence_ids: mixes numbers and strings \(e\.g\. 3 at item 0 and 's'"
+    ):
+        R.as_codes(np.array([3, "s", None], dtype=object), "sequence_ids", 3, missing_unique=True)
