@@ -317,8 +317,8 @@ def check_parameters(params: Mapping[str, Any], declared: Mapping[Path, Mapping[
                 hint = f", or None ({d.help})" if d.allows_none and d.default is not None else ""
                 raise ParameterError(
                     f"parameter {key} = {value!r} ({type(value).__name__}) does not fit {path.name}, which "
-                    f"declares {key} = {d.default!r} (type {d.type_name}{hint}); give a {d.type_name}, "
-                    f"e.g. -p {key} {json.dumps(d.default)}"
+                    f"declares {key} = {d.default!r} (type {d.type_name}{hint}); pass a value of type "
+                    f"{d.type_name}, e.g. -p {key} {json.dumps(d.default)}"
                 )
 
 
@@ -434,9 +434,10 @@ def _mark_interrupted(executed: Path) -> None:
 def _execute(path: Path, executed: Path, parameters: dict, kernel: str, progress: bool) -> None:
     """Run one notebook with papermill in a kernel this function owns and always shuts down."""
     import papermill
-    from jupyter_client.manager import KernelManager
+    from jupyter_client.manager import AsyncKernelManager
+    from jupyter_core.utils import run_sync
 
-    km = KernelManager(kernel_name=kernel)
+    km = AsyncKernelManager(kernel_name=kernel)
     try:
         papermill.execute_notebook(
             str(path),
@@ -450,9 +451,22 @@ def _execute(path: Path, executed: Path, parameters: dict, kernel: str, progress
     finally:
         if km.has_kernel:
             try:
-                km.shutdown_kernel(now=True)
+                run_sync(km.shutdown_kernel)(now=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+
+
+def select_notebooks(
+    notebooks: Sequence[str | os.PathLike] | None = None, only: Iterable[str] | None = None
+) -> list[Path]:
+    """The notebooks to run: `notebooks` (default: the pipeline's), those starting with an `only` prefix."""
+    paths = [Path(p) for p in notebooks] if notebooks else discover_notebooks()
+    if only:
+        prefixes = tuple(str(o) for o in only)
+        paths = [p for p in paths if p.name.startswith(prefixes)]
+        if not paths:
+            raise ParameterError(f"no notebook starts with any of {list(prefixes)}")
+    return paths
 
 
 def run_pipeline(
@@ -479,12 +493,7 @@ def run_pipeline(
     `RunInterrupted`; both carry `.run_dir`, the partial run, and no kernel is left running.
     """
     params = dict(params or {})
-    paths = [Path(p) for p in notebooks] if notebooks else discover_notebooks()
-    if only:
-        prefixes = tuple(str(o) for o in only)
-        paths = [p for p in paths if p.name.startswith(prefixes)]
-        if not paths:
-            raise ParameterError(f"no notebook starts with any of {list(prefixes)}")
+    paths = select_notebooks(notebooks, only)
     declared = {p: notebook_declarations(p) for p in paths}
     check_parameters(params, declared)
 

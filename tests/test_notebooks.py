@@ -38,8 +38,13 @@ def test_notebook_is_committed_clean_and_colab_ready(path):
     tagged = [i for i, c in enumerate(code) if "parameters" in c.metadata.get("tags", [])]
     assert tagged == [1], "the cell after the setup cell, and only it, is tagged parameters"
     declared = pipeline.notebook_parameters(path)
-    assert {"run_dir", "dataset", "seed"} <= set(declared)
-    assert declared["run_dir"] == "" and declared["dataset"] == "figures"
+    assert {"run_dir", "dataset"} <= set(declared)
+    assert declared["run_dir"] == ""
+    if path.name == "00_data.ipynb":  # the one notebook that decides the dataset
+        assert declared["dataset"] == "figures" and {"seed", "n_classes", "images_per_class"} <= set(declared)
+    else:  # the others read it from the run folder: no dataset parameters of their own
+        assert declared["dataset"] == ""
+        assert not {"seed", "n_classes", "images_per_class", "figure_size"} & set(declared)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -108,7 +113,12 @@ def test_pipeline_executes_every_notebook_into_the_run_folder(tiny_run):
     env = json.loads((run / "environment.json").read_text())
     assert env["seed"] == 0 and env["labkit"] and env["torch"]
     assert {"data", "train", "validate", "rerank", "search", "pipeline"} <= set(tiny_run.metrics)
-    assert (run.parent.parent / "data" / "figures").is_dir()  # generated where LABKIT_DATA_DIR points
+    figures_dir = run.parent.parent / "data" / "figures-8x6-32px-seed0-v1"
+    assert figures_dir.is_dir()  # generated where LABKIT_DATA_DIR points, in the folder of its parameters
+    info = json.loads((run / "dataset.json").read_text())
+    assert info["source"] == "figures" and info["images_root"] == str(figures_dir)
+    assert info["counts"]["n_images"] == 48 and (run / "dataset.csv").is_file()
+    assert json.loads((run / "run.json").read_text())["state"] == "finished"
 
 
 @pytest.mark.slow
