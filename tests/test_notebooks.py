@@ -197,3 +197,71 @@ def test_05_search_builds_the_store(tiny_run):
     with EmbeddingStore(tiny_run.run_dir / "store.sqlite", create=False, read_only=True) as store:
         assert len(store) == 4 * 6  # the validation half of 8 classes x 6 images
     assert tiny_run.metrics["search"]
+
+
+def _photo_folder(root, n_classes=6, per_class=3):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for c in range(n_classes):
+        (root / f"class_{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+                root / f"class_{c}" / f"{i}.png"
+            )
+    return root
+
+
+@pytest.mark.slow
+def test_a_later_notebook_uses_exactly_the_split_of_an_imported_folder(tmp_path, execute_notebook):
+    import pandas as pd
+    import torch
+
+    from labkit import data
+
+    folder = _photo_folder(tmp_path / "photos")
+    run = tmp_path / "run"
+    execute_notebook("00_data", {"dataset": str(folder), "seed": 3, "grid_classes": 2, "grid_images": 2}, run)
+    _photo_folder(tmp_path / "more", n_classes=1)
+    (tmp_path / "more" / "class_0").rename(folder / "class_late")  # the folder changes after 00_data
+    execute_notebook("02_validate", {"image_size": 32, "batch_size": 16, "accelerator": "cpu"}, run)
+    written = pd.read_csv(run / "dataset.csv")
+    validation = written.loc[written["split"] == "validation", "path"].tolist()
+    saved = torch.load(run / "validation_embeddings.pt", weights_only=False)
+    assert saved["paths"] == validation
+    reimported = data.import_image_folder(folder, seed=0)  # what 02 did before: its own import, its own seed
+    assert sorted(reimported.loc[reimported["split"] == "validation", "path"]) != sorted(validation)
+
+
+@pytest.mark.slow
+def test_01_train_run_twice_interactively_keeps_both_trainings(tmp_path, monkeypatch):
+    """Regression (issue 16.3): the second interactive run stopped with FileExistsError (best.ckpt)."""
+    import papermill
+
+    monkeypatch.setenv("LABKIT_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("LABKIT_DATA_DIR", str(tmp_path / "data"))
+    copies = tmp_path / "executed"
+    copies.mkdir()
+    tiny = {"n_classes": 8, "images_per_class": 6, "figure_size": 32, "grid_classes": 2, "grid_images": 2}
+    train = {
+        "image_size": 32,
+        "epochs": 1,
+        "max_steps": 2,
+        "n_labels": 2,
+        "n_instances": 2,
+        "accelerator": "cpu",
+    }
+    for name, params in (("00_data", tiny), ("01_train", train), ("01_train", train)):
+        papermill.execute_notebook(
+            str(notebooks_dir() / f"{name}.ipynb"),
+            str(copies / f"{name}.ipynb"),
+            parameters=params,
+            kernel_name="python3",
+            cwd=str(notebooks_dir()),
+            progress_bar=False,
+        )
+    interactive, earlier = tmp_path / "runs" / "interactive", tmp_path / "runs" / "interactive-1"
+    assert (interactive / "checkpoints" / "best.ckpt").is_file() and (interactive / "extractor.pt").is_file()
+    assert (earlier / "checkpoints" / "best.ckpt").is_file() and (earlier / "extractor.pt").is_file()
+    assert f"moved whole to {earlier}" in _outputs_text(copies / "01_train.ipynb")
