@@ -68,10 +68,17 @@ def grid_points(grid: Mapping[str, Sequence[Any]], seeds: Sequence[int] | None =
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*grid.values())]
 
 
-def point_name(point: Mapping[str, Any]) -> str:
-    """A folder name for a grid point: `lr=0.001_miner=all_seed=0`."""
-    parts = [f"{key}={_value_text(value)}" for key, value in point.items()]
+def point_name(point: Mapping[str, Any], keys: Sequence[str] | None = None) -> str:
+    """A folder name for a grid point: `lr=0.001_miner=all_seed=0` (only `keys`, when given)."""
+    parts = [f"{key}={_value_text(value)}" for key, value in point.items() if keys is None or key in keys]
     return _UNSAFE.sub("-", "_".join(parts)) or "default"
+
+
+def point_names(points: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Folder names of the grid points, naming only the parameters that vary across the grid."""
+    keys = list(points[0]) if points else []
+    varying = [k for k in keys if not _same([p[k] for p in points])] or keys
+    return [point_name(p, varying) for p in points]
 
 
 def _value_text(value: Any) -> str:
@@ -141,13 +148,13 @@ def run_sweep(
     elif sweep_dir.exists() and any(sweep_dir.iterdir()):
         raise SweepError(f"{sweep_dir} is not empty and holds no {SWEEP_JSON}; choose another --name.")
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    pipeline._write_json(spec_path, {**spec, "points": [point_name(p) for p in points]})
+    labels = point_names(points)
+    pipeline._write_json(spec_path, {**spec, "points": labels})
 
     result = SweepResult(sweep_dir=sweep_dir.resolve(), summary=pd.DataFrame())
     started = time.perf_counter()
     try:
-        for i, point in enumerate(points, 1):
-            label = point_name(point)
+        for i, (point, label) in enumerate(zip(points, labels, strict=True), 1):
             run_dir = sweep_dir / label
             head = f"[{i}/{len(points)}] {label}"
             if _finished_with(run_dir, {**params, **point}, [p.name for p in paths]):
@@ -197,8 +204,7 @@ def write_summary(sweep_dir: str | os.PathLike, points: Sequence[Mapping[str, An
     """Rewrite `summary.csv`: one row per point (point, state, its parameters, key metrics, seconds)."""
     sweep_dir = Path(sweep_dir)
     rows = []
-    for point in points:
-        label = point_name(point)
+    for point, label in zip(points, point_names(points), strict=True):
         run_dir = sweep_dir / label
         state = pipeline.read_run_state(run_dir)
         row: dict[str, Any] = {"point": label, "state": state.get("state", "not run"), **point}
@@ -468,7 +474,9 @@ def plot_training_curves(runs: Iterable[str | os.PathLike], metric: str = "cmc@1
         history = training.read_history(path)
         legend = label if label not in seen else None
         seen.add(label)
-        loss_ax.plot(history["epoch"], history["loss"], color=colours[label], alpha=0.8, label=legend)
+        loss_ax.plot(
+            history["epoch"], history["loss"], color=colours[label], alpha=0.8, marker=".", label=legend
+        )
         if metric in history:
             metric_ax.plot(history["epoch"], history[metric], color=colours[label], alpha=0.8, marker=".")
     loss_ax.set(xlabel="epoch", ylabel="loss", title="Training loss")
@@ -548,7 +556,10 @@ def draw_query_changes(
 
     changes = query_changes(run_a, run_b, metric=metric)
     ra, rb = run_results(run_a, k=k), run_results(run_b, k=k)
-    name_a, name_b = _name(Path(run_a).resolve()), _name(Path(run_b).resolve())
+    label_a, label_b = _groups([Path(run_a).resolve(), Path(run_b).resolve()])
+    if label_a == label_b:  # only the seed differs: the run names say more
+        label_a, label_b = _name(Path(run_a).resolve()), _name(Path(run_b).resolve())
+    name_a, name_b = f"a ({label_a})", f"b ({label_b})"
 
     def draw(rows: pd.DataFrame, what: str):
         figs = []
@@ -563,3 +574,29 @@ def draw_query_changes(
     improved = changes.head(n)
     worsened = changes.iloc[::-1].head(n)
     return draw(improved, "improved"), draw(worsened, "worsened")
+
+
+def recent_runs(n: int = 2, runs_dir: str | os.PathLike | None = None) -> list[Path]:
+    """The `n` most recently finished runs under the runs folder (sweep points included), oldest first."""
+    root = Path(runs_dir) if runs_dir else default_runs_dir()
+    found = [p.parent for p in root.glob("*/run.json")] + [p.parent for p in root.glob("*/*/run.json")]
+    finished = [p for p in found if pipeline.is_finished(p) and not p.parent.name.startswith(".")]
+    finished.sort(key=lambda p: (pipeline.read_run_state(p).get("ended", ""), str(p)))
+    if len(finished) < n:
+        raise CompareError(
+            f"{root} holds {len(finished)} finished run(s); give the runs to compare (runs = [...])."
+        )
+    return [p.resolve() for p in finished[-n:]]
+
+
+def same_data_pair(runs: Iterable[str | os.PathLike]) -> tuple[Path, Path] | None:
+    """The first two runs (in order) that hold the same data and saved validation embeddings, or None."""
+    from labkit import rundata
+
+    paths = [p for p in expand_runs(runs) if (p / "validation_embeddings.pt").is_file()]
+    prints = [(rundata.describe(p) or {}).get("fingerprint") for p in paths]
+    for i, a in enumerate(paths):
+        for j in range(i + 1, len(paths)):
+            if prints[i] and prints[i] == prints[j]:
+                return a, paths[j]
+    return None

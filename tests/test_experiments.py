@@ -51,6 +51,7 @@ def test_grid_points_and_names():
     assert points[-1] == {"lr": 3e-3, "miner": "hard", "seed": 1}
     assert experiments.point_name(points[0]) == "lr=0.001_miner=all_seed=0"
     assert experiments.point_name({"dataset": "/a b/c", "ks": [1, 5]}) == "dataset=-a-b-c_ks=-1-5-"
+    assert experiments.point_names([{"lr": 1, "epochs": 2}, {"lr": 3, "epochs": 2}]) == ["lr=1", "lr=3"]
     with pytest.raises(experiments.SweepError, match="seed is both"):
         experiments.grid_points({"seed": [1]}, seeds=[2])
     with pytest.raises(experiments.SweepError, match=r"\['lr'\] have no values"):
@@ -115,7 +116,7 @@ def test_a_killed_sweep_resumes_where_it_stopped(tmp_path, notebook):
     process = subprocess.Popen(
         [sys.executable, "-c", driver], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    first = tmp_path / "k" / "lr=0.01_sleep=1.5"
+    first = tmp_path / "k" / "lr=0.01"
     try:
         deadline = time.monotonic() + 120
         while not pipeline.is_finished(first) and time.monotonic() < deadline:
@@ -128,14 +129,12 @@ def test_a_killed_sweep_resumes_where_it_stopped(tmp_path, notebook):
             process.kill()
         _kill_kernels(tmp_path / "k")
     started = pipeline.read_run_state(first)["started"]
-    states = [
-        pipeline.read_run_state(tmp_path / "k" / f"lr={lr}_sleep=1.5").get("state") for lr in (0.02, 0.03)
-    ]
+    states = [pipeline.read_run_state(tmp_path / "k" / f"lr={lr}").get("state") for lr in (0.02, 0.03)]
     assert states[1] is None and states[0] in (None, "running")  # the rest did not finish
     result = experiments.run_sweep("k", grid, runs_dir=tmp_path, notebooks=notebook)
-    assert result.skipped == ["lr=0.01_sleep=1.5"] and result.ran == [
-        "lr=0.02_sleep=1.5",
-        "lr=0.03_sleep=1.5",
+    assert result.skipped == ["lr=0.01"] and result.ran == [
+        "lr=0.02",
+        "lr=0.03",
     ]
     assert pipeline.read_run_state(first)["started"] == started  # not run again
     assert (result.summary["state"] == "finished").all() and len(result.summary) == 3

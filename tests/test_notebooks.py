@@ -265,3 +265,68 @@ def test_01_train_run_twice_interactively_keeps_both_trainings(tmp_path, monkeyp
     assert (interactive / "checkpoints" / "best.ckpt").is_file() and (interactive / "extractor.pt").is_file()
     assert (earlier / "checkpoints" / "best.ckpt").is_file() and (earlier / "extractor.pt").is_file()
     assert f"moved whole to {earlier}" in _outputs_text(copies / "01_train.ipynb")
+
+
+COMPARE = notebooks_dir() / "06_compare_runs.ipynb"
+
+
+def test_06_compare_runs_is_clean_and_outside_the_pipeline():
+    nb = nbformat.read(COMPARE, as_version=4)
+    assert nb.metadata["labkit"] == {"pipeline": False} and nb.metadata["kernelspec"]["name"] == "python3"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code)
+    assert (
+        code[0].source
+        == [c for c in nbformat.read(NOTEBOOKS[0], as_version=4).cells if c.cell_type == "code"][0].source
+    )
+    assert [i for i, c in enumerate(code) if "parameters" in c.metadata.get("tags", [])] == [1]
+    assert COMPARE not in NOTEBOOKS and COMPARE in pipeline.discover_notebooks(pipeline_only=False)
+    assert pipeline.notebook_parameters(COMPARE)["runs"] == []
+
+
+@pytest.mark.slow
+def test_06_compare_runs_on_a_tiny_sweep(tmp_path, monkeypatch, execute_notebook):
+    """A real sweep (00-02 on tiny figures, two miners), `compare` on it, and 06 under papermill."""
+    from labkit import experiments
+
+    monkeypatch.setenv("LABKIT_DATA_DIR", str(tmp_path / "data"))
+    fixed = {
+        k: v
+        for k, v in TINY.items()
+        if k
+        in (
+            "n_classes",
+            "images_per_class",
+            "figure_size",
+            "image_size",
+            "grid_classes",
+            "grid_images",
+            "epochs",
+            "max_steps",
+            "n_labels",
+            "n_instances",
+            "batch_size",
+            "accelerator",
+        )
+    }
+    grid = {**{k: [v] for k, v in fixed.items()}, "miner": ["all", "hard"]}
+    result = experiments.run_sweep("tiny", grid, runs_dir=tmp_path / "runs", only=["00", "01", "02"])
+    assert len(result.ran) == 2 and not result.failed
+    assert list(result.summary["miner"]) == ["all", "hard"] and result.summary["cmc@1"].notna().all()
+    table = experiments.compare([result.sweep_dir])
+    assert list(table.columns[:2]) == ["run", "miner"] and "lr" not in table  # only the miner differs
+    assert experiments.same_data_pair([result.sweep_dir]) is not None
+    figures = tmp_path / "figures"
+    executed = execute_notebook(
+        "06_compare_runs",
+        {"runs": [str(result.sweep_dir)], "save_dir": str(figures), "draw_k": 3},
+        tmp_path / "c",
+    )
+    names = sorted(p.name for p in figures.glob("*.png"))
+    assert names == [
+        "per_category.png",
+        "queries_improved.png",
+        "queries_worsened.png",
+        "training_curves.png",
+    ]
+    assert "miner" in _outputs_text(executed)
