@@ -306,9 +306,21 @@ def check_parameters(params: Mapping[str, Any], declared: Mapping[Path, Mapping[
         raise ParameterError("run_dir is set by the pipeline; choose the folder with name= / --name instead")
     unknown = sorted(set(params) - known)
     if unknown:
+        hint = ""
+        if declared and any(p.name.startswith("0") for p in declared):
+            try:
+                others = [p for p in discover_notebooks(next(iter(declared)).parent) if p not in declared]
+            except FileNotFoundError:
+                others = []
+            owners = sorted({o.name for o in others for key in unknown if key in notebook_parameters(o)})
+            if owners:
+                hint = (
+                    f" ({', '.join(owners)} declares them, but is not run; the dataset parameters belong to "
+                    "00_data, and the later notebooks read the dataset from the run folder)"
+                )
         raise ParameterError(
-            f"parameter(s) {unknown} are declared by none of the notebooks {[p.name for p in declared]}; "
-            f"known parameters: {sorted(known - {'run_dir'})}"
+            f"parameter(s) {unknown} are declared by none of the notebooks {[p.name for p in declared]}"
+            f"{hint}; known parameters: {sorted(known - {'run_dir'})}"
         )
     for key, value in params.items():
         for path, notebook in declared.items():
