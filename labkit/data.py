@@ -509,15 +509,18 @@ def load_dataset(
 ) -> pd.DataFrame:
     """Load a validated dataset with absolute paths from "figures", a CSV, or a folder.
 
-    "figures" generates the embedded dataset under `data_dir/figures` (default data dir when None) with
-    `seed` and `figures_kwargs` (n_classes, images_per_class, size). A folder holding exactly one CSV with
-    the OML columns is read as that CSV; any other folder (a stray CSV beside class sub-folders is ignored,
-    with a warning) is imported as one sub-folder per class (`val_ratio`, `seed`).
+    "figures" generates the embedded dataset under `figures.generation_dir(data_dir, ...)` (one folder per
+    distinct generation; default data dir when None) with `seed` and `figures_kwargs` (n_classes,
+    images_per_class, size). A folder holding exactly one CSV with the OML columns is read as that CSV; any
+    other folder (a stray CSV beside class sub-folders is ignored, with a warning) is imported as one
+    sub-folder per class (`val_ratio`, `seed`).
     `figures_kwargs` are ignored for other sources, so notebooks can always pass them.
     "cub:<folder>" (also cars:, sop:, inshop:) converts a public benchmark (`labkit.public_datasets`).
     """
     if str(source) == "figures":
-        root = Path(data_dir) / "figures" if data_dir is not None else None
+        from labkit.figures import generation_dir
+
+        root = generation_dir(data_dir, seed=seed, **figures_kwargs) if data_dir is not None else None
         return read_dataset(make_figures(root, seed=seed, **figures_kwargs))
     from labkit import public_datasets  # the public benchmarks, "<name>:<folder>"
 

@@ -7,7 +7,10 @@ trained one can still tell the shapes and colours apart. Classes are split half 
 (disjoint, balanced per category, chosen by the seed); every validation image is query and gallery.
 
 The output folder holds `images/`, `figures.csv` (OML format, relative paths) and `figures.json`, the
-manifest. The manifest is written first with `"complete": false` (claiming the folder) and rewritten
+manifest. By default every distinct generation has its own folder, named after its parameters
+(`<data dir>/figures-32x40-64px-seed0-v1/`, see `generation_dir`), so asking for other parameters never
+changes the images that earlier runs point at; an explicitly given folder is regenerated when its
+parameters differ. The manifest is written first with `"complete": false` (claiming the folder) and rewritten
 with `"complete": true` last, so an interrupted generation is detected and redone. A non-empty folder
 without a labkit manifest is never written into. Checking and generating happen under a lock file next to
 the folder (`<folder>.lock`), so processes that ask for the same folder at once (parallel notebooks,
@@ -249,6 +252,24 @@ def _is_complete(root: Path, manifest: dict | None, params: dict) -> bool:
     return n_files == manifest.get("n_images")
 
 
+def generation_dir(
+    data_dir: str | os.PathLike | None = None,
+    *,
+    n_classes: int = 32,
+    images_per_class: int = 40,
+    size: int = 64,
+    seed: int = 0,
+) -> Path:
+    """The folder of one generation: `<data_dir>/figures-<classes>x<images>-<size>px-seed<seed>-v<version>`.
+
+    `data_dir` defaults to `labkit.paths.default_data_dir()`.
+    """
+    from labkit.paths import default_data_dir
+
+    base = Path(data_dir) if data_dir is not None else default_data_dir()
+    return base / f"figures-{int(n_classes)}x{int(images_per_class)}-{int(size)}px-seed{int(seed)}-v{VERSION}"
+
+
 def make_figures(
     root: str | os.PathLike | None = None,
     *,
@@ -259,19 +280,20 @@ def make_figures(
 ) -> Path:
     """Generate (or reuse) the figures dataset under `root` and return its CSV path.
 
-    `root` defaults to `labkit.paths.default_data_dir() / "figures"`. The dataset is regenerated only
-    when missing, incomplete (interrupted) or generated with other parameters. Raises DatasetError when
-    `root` is a non-empty folder that labkit did not create.
+    `root` defaults to `generation_dir(...)` of these parameters (one folder per generation, never
+    rewritten with other parameters). An explicit `root` is regenerated only when missing, incomplete
+    (interrupted) or generated with other parameters. Raises DatasetError when `root` is a non-empty
+    folder that labkit did not create.
     """
-    from labkit.paths import default_data_dir
-
     if images_per_class < 2:
         raise ValueError(f"figures: images_per_class must be at least 2, got {images_per_class}.")
     if n_classes < 2:
         raise ValueError(f"figures: n_classes must be at least 2 (train and validation), got {n_classes}.")
     if size < 8:
         raise ValueError(f"figures: size must be at least 8 pixels, got {size}.")
-    root = Path(root) if root is not None else default_data_dir() / "figures"
+    if root is None:
+        root = generation_dir(n_classes=n_classes, images_per_class=images_per_class, size=size, seed=seed)
+    root = Path(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(lock_path(root)):
         return _reuse_or_generate(root, n_classes, images_per_class, size, seed)

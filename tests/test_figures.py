@@ -142,7 +142,7 @@ def test_refuses_a_non_empty_folder_without_manifest(tmp_path):
 
 def test_load_dataset_figures_under_data_dir(tmp_path):
     df = data.load_dataset("figures", data_dir=tmp_path, seed=1, **TINY)
-    assert (tmp_path / "figures" / "figures.csv").is_file()
+    assert (tmp_path / "figures-6x3-24px-seed1-v1" / "figures.csv").is_file()  # the folder of its parameters
     assert len(df) == 18 and all(Path(p).is_absolute() for p in df["path"])
 
 
@@ -152,3 +152,12 @@ def test_rejects_too_small_parameters(tmp_path):
     with pytest.raises(ValueError, match="n_classes must be at least 2"):
         data.make_figures(tmp_path, n_classes=1)
     assert not any(tmp_path.iterdir())
+
+
+def test_default_root_is_one_folder_per_generation(tmp_path, monkeypatch):
+    monkeypatch.setenv("LABKIT_DATA_DIR", str(tmp_path))
+    a = data.make_figures(seed=0, **TINY)
+    b = data.make_figures(seed=0, **{**TINY, "n_classes": 4})
+    assert a == tmp_path / "figures-6x3-24px-seed0-v1" / "figures.csv"
+    assert b == tmp_path / "figures-4x3-24px-seed0-v1" / "figures.csv"
+    assert len(data.read_dataset(a)) == 18 and len(data.read_dataset(b)) == 12  # both kept

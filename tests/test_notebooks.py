@@ -38,8 +38,13 @@ def test_notebook_is_committed_clean_and_colab_ready(path):
     tagged = [i for i, c in enumerate(code) if "parameters" in c.metadata.get("tags", [])]
     assert tagged == [1], "the cell after the setup cell, and only it, is tagged parameters"
     declared = pipeline.notebook_parameters(path)
-    assert {"run_dir", "dataset", "seed"} <= set(declared)
-    assert declared["run_dir"] == "" and declared["dataset"] == "figures"
+    assert {"run_dir", "dataset"} <= set(declared)
+    assert declared["run_dir"] == ""
+    if path.name == "00_data.ipynb":  # the one notebook that decides the dataset
+        assert declared["dataset"] == "figures" and {"seed", "n_classes", "images_per_class"} <= set(declared)
+    else:  # the others read it from the run folder: no dataset parameters of their own
+        assert declared["dataset"] == ""
+        assert not {"seed", "n_classes", "images_per_class", "figure_size"} & set(declared)
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -108,7 +113,12 @@ def test_pipeline_executes_every_notebook_into_the_run_folder(tiny_run):
     env = json.loads((run / "environment.json").read_text())
     assert env["seed"] == 0 and env["labkit"] and env["torch"]
     assert {"data", "train", "validate", "rerank", "search", "pipeline"} <= set(tiny_run.metrics)
-    assert (run.parent.parent / "data" / "figures").is_dir()  # generated where LABKIT_DATA_DIR points
+    figures_dir = run.parent.parent / "data" / "figures-8x6-32px-seed0-v1"
+    assert figures_dir.is_dir()  # generated where LABKIT_DATA_DIR points, in the folder of its parameters
+    info = json.loads((run / "dataset.json").read_text())
+    assert info["source"] == "figures" and info["images_root"] == str(figures_dir)
+    assert info["counts"]["n_images"] == 48 and (run / "dataset.csv").is_file()
+    assert json.loads((run / "run.json").read_text())["state"] == "finished"
 
 
 @pytest.mark.slow
@@ -187,3 +197,136 @@ def test_05_search_builds_the_store(tiny_run):
     with EmbeddingStore(tiny_run.run_dir / "store.sqlite", create=False, read_only=True) as store:
         assert len(store) == 4 * 6  # the validation half of 8 classes x 6 images
     assert tiny_run.metrics["search"]
+
+
+def _photo_folder(root, n_classes=6, per_class=3):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for c in range(n_classes):
+        (root / f"class_{c}").mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+                root / f"class_{c}" / f"{i}.png"
+            )
+    return root
+
+
+@pytest.mark.slow
+def test_a_later_notebook_uses_exactly_the_split_of_an_imported_folder(tmp_path, execute_notebook):
+    import pandas as pd
+    import torch
+
+    from labkit import data
+
+    folder = _photo_folder(tmp_path / "photos")
+    run = tmp_path / "run"
+    execute_notebook("00_data", {"dataset": str(folder), "seed": 3, "grid_classes": 2, "grid_images": 2}, run)
+    _photo_folder(tmp_path / "more", n_classes=1)
+    (tmp_path / "more" / "class_0").rename(folder / "class_late")  # the folder changes after 00_data
+    execute_notebook("02_validate", {"image_size": 32, "batch_size": 16, "accelerator": "cpu"}, run)
+    written = pd.read_csv(run / "dataset.csv")
+    validation = written.loc[written["split"] == "validation", "path"].tolist()
+    saved = torch.load(run / "validation_embeddings.pt", weights_only=False)
+    assert saved["paths"] == validation
+    reimported = data.import_image_folder(folder, seed=0)  # what 02 did before: its own import, its own seed
+    assert sorted(reimported.loc[reimported["split"] == "validation", "path"]) != sorted(validation)
+
+
+@pytest.mark.slow
+def test_01_train_run_twice_interactively_keeps_both_trainings(tmp_path, monkeypatch):
+    """Regression (issue 16.3): the second interactive run stopped with FileExistsError (best.ckpt)."""
+    import papermill
+
+    monkeypatch.setenv("LABKIT_RUNS_DIR", str(tmp_path / "runs"))
+    monkeypatch.setenv("LABKIT_DATA_DIR", str(tmp_path / "data"))
+    copies = tmp_path / "executed"
+    copies.mkdir()
+    tiny = {"n_classes": 8, "images_per_class": 6, "figure_size": 32, "grid_classes": 2, "grid_images": 2}
+    train = {
+        "image_size": 32,
+        "epochs": 1,
+        "max_steps": 2,
+        "n_labels": 2,
+        "n_instances": 2,
+        "accelerator": "cpu",
+    }
+    for name, params in (("00_data", tiny), ("01_train", train), ("01_train", train)):
+        papermill.execute_notebook(
+            str(notebooks_dir() / f"{name}.ipynb"),
+            str(copies / f"{name}.ipynb"),
+            parameters=params,
+            kernel_name="python3",
+            cwd=str(notebooks_dir()),
+            progress_bar=False,
+        )
+    interactive, earlier = tmp_path / "runs" / "interactive", tmp_path / "runs" / "interactive-1"
+    assert (interactive / "checkpoints" / "best.ckpt").is_file() and (interactive / "extractor.pt").is_file()
+    assert (earlier / "checkpoints" / "best.ckpt").is_file() and (earlier / "extractor.pt").is_file()
+    assert f"moved whole to {earlier}" in _outputs_text(copies / "01_train.ipynb")
+
+
+COMPARE = notebooks_dir() / "06_compare_runs.ipynb"
+
+
+def test_06_compare_runs_is_clean_and_outside_the_pipeline():
+    nb = nbformat.read(COMPARE, as_version=4)
+    assert nb.metadata["labkit"] == {"pipeline": False} and nb.metadata["kernelspec"]["name"] == "python3"
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(not c.outputs and c.execution_count is None for c in code)
+    assert (
+        code[0].source
+        == [c for c in nbformat.read(NOTEBOOKS[0], as_version=4).cells if c.cell_type == "code"][0].source
+    )
+    assert [i for i, c in enumerate(code) if "parameters" in c.metadata.get("tags", [])] == [1]
+    assert COMPARE not in NOTEBOOKS and COMPARE in pipeline.discover_notebooks(pipeline_only=False)
+    assert pipeline.notebook_parameters(COMPARE)["runs"] == []
+
+
+@pytest.mark.slow
+def test_06_compare_runs_on_a_tiny_sweep(tmp_path, monkeypatch, execute_notebook):
+    """A real sweep (00-02 on tiny figures, two miners), `compare` on it, and 06 under papermill."""
+    from labkit import experiments
+
+    monkeypatch.setenv("LABKIT_DATA_DIR", str(tmp_path / "data"))
+    fixed = {
+        k: v
+        for k, v in TINY.items()
+        if k
+        in (
+            "n_classes",
+            "images_per_class",
+            "figure_size",
+            "image_size",
+            "grid_classes",
+            "grid_images",
+            "epochs",
+            "max_steps",
+            "n_labels",
+            "n_instances",
+            "batch_size",
+            "accelerator",
+        )
+    }
+    grid = {**{k: [v] for k, v in fixed.items()}, "miner": ["all", "hard"]}
+    result = experiments.run_sweep("tiny", grid, runs_dir=tmp_path / "runs", only=["00", "01", "02"])
+    assert len(result.ran) == 2 and not result.failed
+    assert list(result.summary["miner"]) == ["all", "hard"] and result.summary["cmc@1"].notna().all()
+    table = experiments.compare([result.sweep_dir])
+    assert list(table.columns[:2]) == ["run", "miner"] and "lr" not in table  # only the miner differs
+    assert experiments.same_data_pair([result.sweep_dir]) is not None
+    figures = tmp_path / "figures"
+    executed = execute_notebook(
+        "06_compare_runs",
+        {"runs": [str(result.sweep_dir)], "save_dir": str(figures), "draw_k": 3},
+        tmp_path / "c",
+    )
+    names = sorted(p.name for p in figures.glob("*.png"))
+    assert names == [
+        "per_category.png",
+        "queries_improved.png",
+        "queries_worsened.png",
+        "training_curves.png",
+    ]
+    assert "miner" in _outputs_text(executed)
