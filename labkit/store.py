@@ -19,6 +19,8 @@ import json
 import math
 import operator
 import os
+import secrets
+import shutil
 import sqlite3
 import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
@@ -41,6 +43,7 @@ __all__ = [
     "ModelInfo",
     "NotAStoreError",
     "StoreError",
+    "StoreLockedError",
     "as_retrieval_results",
     "draw_search_results",
     "embed_dataset_cached",
@@ -60,6 +63,7 @@ VALIDATION_EMBEDDINGS = "validation_embeddings.pt"
 BOX_COLUMNS = ("x_1", "y_1", "x_2", "y_2")
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
+_NOT_CHANGED = "Pass the path of a labkit embedding store or a new file name; this file was not changed."
 _PAGE_SIZE = 16384
 _WAL_LIMIT = 64 * 2**20  # the WAL file is truncated to this after a checkpoint
 _FILTERS = {"split": "split", "label": "label", "category": "category", "paths": "path"}
@@ -104,6 +108,10 @@ class NotAStoreError(StoreError):
     """The file exists but is not a labkit embedding store (it is left untouched)."""
 
 
+class StoreLockedError(StoreError):
+    """Another connection (usually another process) held the store's write lock past the timeout."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """One row of the `models` table."""
@@ -124,43 +132,63 @@ def _file_uri(path: Path, mode: str) -> str:
     return f"file:{urllib.request.pathname2url(str(path.resolve()))}?mode={mode}"
 
 
-def _check_store_file(path: Path) -> None:
-    """Raise NotAStoreError unless `path` is a labkit store; reads only (header bytes, then read-only)."""
-    advice = "Pass the path of a labkit embedding store or a new file name; this file was not changed."
+def _check_store_header(path: Path) -> None:
+    """Raise NotAStoreError unless `path` starts like a labkit store (reads header bytes only)."""
     if path.is_dir():
-        raise NotAStoreError(f"{path} is a directory, not a labkit embedding store. {advice}")
+        raise NotAStoreError(f"{path} is a directory, not a labkit embedding store. {_NOT_CHANGED}")
     with open(path, "rb") as handle:
         header = handle.read(100)
     if not header:
-        raise NotAStoreError(f"{path} is an empty file, not a labkit embedding store. {advice}")
+        raise NotAStoreError(f"{path} is an empty file, not a labkit embedding store. {_NOT_CHANGED}")
     if not header.startswith(_SQLITE_HEADER) or len(header) < 100:
-        raise NotAStoreError(f"{path} is not a SQLite database, so not a labkit embedding store. {advice}")
+        raise NotAStoreError(
+            f"{path} is not a SQLite database, so not a labkit embedding store. {_NOT_CHANGED}"
+        )
     app_id = int.from_bytes(header[68:72], "big", signed=True)
     if app_id != APPLICATION_ID:
         raise NotAStoreError(
             f"{path} is a SQLite database of another application (application_id {app_id}, "
-            f"labkit stores have {APPLICATION_ID}). {advice}"
+            f"labkit stores have {APPLICATION_ID}). {_NOT_CHANGED}"
         )
-    conn = sqlite3.connect(_file_uri(path, "ro"), uri=True)
+
+
+def _check_store_content(path: Path, conn: sqlite3.Connection) -> int:
+    """Raise unless the open database `conn` holds a labkit store this labkit reads; its schema version."""
     try:
-        try:
-            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        except sqlite3.DatabaseError as error:
-            raise NotAStoreError(
-                f"{path} has labkit's application_id but no readable meta table ({error})."
-            ) from None
-    finally:
-        conn.close()
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    except sqlite3.DatabaseError as error:
+        raise NotAStoreError(
+            f"{path} has labkit's application_id but no readable meta table ({error}). {_NOT_CHANGED}"
+        ) from None
     if meta.get("magic") != MAGIC:
-        raise NotAStoreError(f"{path} has no labkit store marker in its meta table. {advice}")
-    version = int(meta.get("schema_version", "0"))
+        raise NotAStoreError(f"{path} has no labkit store marker in its meta table. {_NOT_CHANGED}")
+    raw_version = meta.get("schema_version")
+    try:
+        version = int(raw_version)
+    except (TypeError, ValueError):
+        version = 0
     if version > SCHEMA_VERSION:
         raise StoreError(
             f"{path} has store schema version {version}; this labkit reads versions up to {SCHEMA_VERSION}: "
             "upgrade labkit."
         )
     if version < 1:
-        raise NotAStoreError(f"{path} has an invalid schema_version {meta.get('schema_version')!r}. {advice}")
+        raise NotAStoreError(
+            f"{path} has an invalid schema_version {raw_version!r} in its meta table (a whole number is "
+            f"expected); the store is damaged. {_NOT_CHANGED}"
+        )
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    missing = [t for t in ("meta", "models", "items") if t not in tables]
+    if missing:
+        raise StoreError(
+            f"{path} is a labkit store without its table(s) {', '.join(missing)}: the file is damaged. "
+            f"Restore it from a copy or build a new store under another name. {_NOT_CHANGED}"
+        )
+    return version
+
+
+def _is_locked(error: sqlite3.OperationalError) -> bool:
+    return "locked" in str(error) or "busy" in str(error)
 
 
 def _python_value(value: Any) -> Any:
@@ -294,44 +322,148 @@ class EmbeddingStore:
     model and filter at a time) until the next write, by this connection or another, or `close()`.
     """
 
-    def __init__(self, path: str | os.PathLike, *, create: bool = True, read_only: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        create: bool = True,
+        read_only: bool = False,
+        timeout: float = 5.0,
+    ) -> None:
         if sqlite3.sqlite_version_info < (3, 24):
             raise RuntimeError(
                 f"labkit's store needs SQLite >= 3.24 (upsert); Python has {sqlite3.sqlite_version}."
             )
         self.path = Path(path).expanduser()
         self.read_only = read_only
+        self.timeout = float(timeout)
+        self.immutable = False  # True: opened with SQLite's immutable flag (read-only file or folder)
+        self._conn: sqlite3.Connection | None = None
         self._writes = 0
         self._gallery_cache: tuple | None = None
-        if self.path.exists():
-            _check_store_file(self.path)
-            self._conn = self._connect("ro" if read_only else "rw")
-        elif not create or read_only:
-            raise FileNotFoundError(f"no embedding store at {self.path}; pass create=True to make a new one.")
-        else:
+        if not self.path.exists():
+            if not create or read_only:
+                raise FileNotFoundError(
+                    f"no embedding store at {self.path}; pass create=True to make a new one."
+                )
             if not self.path.parent.is_dir():
                 raise FileNotFoundError(
                     f"cannot create {self.path}: folder {self.path.parent} does not exist."
                 )
-            self._conn = self._connect("rwc")
-            try:
-                self._create_schema()
-            except BaseException:  # the file is ours (it did not exist): leave nothing half made
-                self.close()
-                for leftover in (self.path, self.path.with_name(self.path.name + "-journal")):
-                    leftover.unlink(missing_ok=True)
-                raise
+            self._create_file()  # leaves the file to whoever linked it first (this process or another)
+        _check_store_header(self.path)
+        self._conn = self._open_read_only() if read_only else self._open_writable()
+        try:
+            self._version = _check_store_content(self.path, self._conn)
+        except BaseException:
+            self.close()
+            raise
         if not read_only:
-            self._conn.execute("PRAGMA journal_mode = WAL")
-            self._conn.execute("PRAGMA synchronous = NORMAL")
-            self._conn.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT}")
+            self._configure_writable()
 
-    def _connect(self, mode: str) -> sqlite3.Connection:
-        conn = sqlite3.connect(_file_uri(self.path, mode), uri=True, isolation_level=None)
+    def _connect(self, mode: str, path: Path | None = None, immutable: bool = False) -> sqlite3.Connection:
+        uri = _file_uri(path or self.path, mode) + ("&immutable=1" if immutable else "")
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=self.timeout)
         conn.execute("PRAGMA foreign_keys = ON")
         return conn
 
-    def _create_schema(self) -> None:
+    def _create_file(self) -> None:
+        """Build a complete new store in a private temporary file of the same folder, then hard-link it to
+        `self.path` only if nothing is there yet (atomic). When another process won the race, its store is
+        opened instead; only the temporary file, which is this process's own, is ever removed."""
+        folder = self.path.parent
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise StoreError(
+                f"cannot create a store at {self.path}: the folder {folder} is not writable. Choose a "
+                "writable folder (or copy an existing store there and open it with read_only=True)."
+            )
+        private = folder / f".{self.path.name}.{os.getpid()}-{secrets.token_hex(4)}.creating"
+        try:
+            try:
+                conn = self._connect("rwc", private)
+                try:
+                    self._create_schema(conn)
+                finally:
+                    conn.close()
+            except sqlite3.OperationalError as error:
+                raise StoreError(
+                    f"cannot create a store at {self.path}: SQLite could not write in {folder} ({error}). "
+                    "Check that the folder is writable and has free space."
+                ) from None
+            try:
+                os.link(private, self.path)
+            except FileExistsError:
+                pass  # another process created the store first: open it
+            except OSError:  # no hard links on this file system: exclusive create, then copy
+                try:
+                    target = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                except FileExistsError:
+                    return
+                with os.fdopen(target, "wb") as out, open(private, "rb") as source:
+                    shutil.copyfileobj(source, out)
+        finally:
+            for mine in (private, private.with_name(private.name + "-journal")):
+                mine.unlink(missing_ok=True)
+
+    def _open_writable(self) -> sqlite3.Connection:
+        advice = (
+            "Open it with read_only=True to search it, or copy it (with any -wal file beside it) to a "
+            "writable folder."
+        )
+        if not os.access(self.path, os.W_OK) or not os.access(self.path.parent, os.W_OK | os.X_OK):
+            where = "file" if not os.access(self.path, os.W_OK) else f"folder {self.path.parent}"
+            raise StoreError(f"the store {self.path} cannot be opened for writing: its {where} is read-only. {advice}")
+        try:
+            conn = self._connect("rw")
+            conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        except sqlite3.OperationalError as error:
+            raise StoreError(f"the store {self.path} cannot be opened for writing ({error}). {advice}") from None
+        return conn
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        """A read-only connection; SQLite's `immutable` flag when WAL's shared-memory file cannot be made
+        (read-only folder or file), which is safe only while nothing changes the file, so it is refused when
+        a -wal file holds changes not yet in the main file."""
+        try:
+            conn = self._connect("ro")
+            conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+            return conn
+        except sqlite3.OperationalError as first_error:
+            failure = first_error
+        wal = self.path.with_name(self.path.name + "-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise StoreError(
+                f"the store {self.path} cannot be read in place ({failure}): its folder or file is read-only "
+                f"and {wal.name} holds changes not yet written into the main file. Open it once writable, or "
+                "copy the store with its -wal file to a writable folder."
+            )
+        try:
+            conn = self._connect("ro", immutable=True)
+            conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        except sqlite3.OperationalError as error:
+            raise StoreError(f"the store {self.path} cannot be opened for reading ({error}).") from None
+        self.immutable = True
+        return conn
+
+    def _configure_writable(self) -> None:
+        try:
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+            self._conn.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT}")
+        except sqlite3.OperationalError as error:
+            self.close()
+            if _is_locked(error):
+                raise self._locked_error() from None
+            raise StoreError(f"the store {self.path} cannot be opened for writing ({error}).") from None
+
+    def _locked_error(self) -> StoreLockedError:
+        return StoreLockedError(
+            f"the store {self.path} is locked: another connection (usually another process) has held its write "
+            f"lock for more than timeout={self.timeout:g} s. Wait for that writer to finish and retry, or open "
+            "the store with a longer timeout."
+        )
+
+    def _create_schema(self, conn: sqlite3.Connection) -> None:
         # Everything, application_id included, in the first (rollback-journal) transaction, before WAL is on:
         # the header of the main file carries the marker from the start.
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -339,11 +471,16 @@ class EmbeddingStore:
 
         meta = {"magic": MAGIC, "schema_version": str(SCHEMA_VERSION), "created": now, "labkit": __version__}
         statements = [s for s in _SCHEMA.split(";") if s.strip()]
-        self._db.execute(f"PRAGMA page_size = {_PAGE_SIZE}")  # 1.5 kB vectors fill 16 kB pages well
-        with self._transaction():
+        conn.execute(f"PRAGMA page_size = {_PAGE_SIZE}")  # 1.5 kB vectors fill 16 kB pages well
+        conn.execute("BEGIN IMMEDIATE")
+        try:
             for statement in statements:
-                self._conn.execute(statement)
-            self._conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta.items())
+                conn.execute(statement)
+            conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta.items())
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     # -- lifecycle
     def close(self) -> None:
@@ -380,7 +517,12 @@ class EmbeddingStore:
                 f"the store {self.path} was opened read_only=True; open it writable to change it."
             )
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as error:
+            if _is_locked(error):
+                raise self._locked_error() from None
+            raise
         try:
             yield db
         except BaseException:

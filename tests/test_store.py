@@ -536,3 +536,149 @@ def test_search_results_as_retrieval_results_and_figure(store):
     retrieval, shown = store_module.as_retrieval_results(by_vector, query_paths=["/q.png"])
     assert not retrieval.relevant.any() and shown["label"][0] == "new image"
     assert retrieval.labels[0] not in retrieval.labels[1:]
+
+
+# --- concurrency, read-only places, damaged files (issue 14)
+def _create_and_fill(path, barrier, seed, queue) -> None:
+    try:
+        barrier.wait(timeout=30)
+        with EmbeddingStore(path) as s:
+            model_id = s.register_model("m", "fp-1", DIM)
+            vectors, items = _items(5, prefix=f"p{seed}", seed=seed)
+            s.add(model_id, vectors, items)
+        queue.put((seed, "ok"))
+    except BaseException as error:  # reported to the parent, which fails the test
+        queue.put((seed, f"{type(error).__name__}: {error}"))
+
+
+def test_two_processes_creating_the_same_store_both_succeed_and_nothing_is_lost(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for trial in range(24):
+        path = tmp_path / f"race_{trial}.sqlite"
+        barrier, queue = context.Barrier(2), context.Queue()
+        workers = [context.Process(target=_create_and_fill, args=(path, barrier, s, queue)) for s in (1, 2)]
+        for worker in workers:
+            worker.start()
+        outcomes = dict(queue.get(timeout=60) for _ in workers)
+        for worker in workers:
+            worker.join(timeout=60)
+        assert outcomes == {1: "ok", 2: "ok"}, f"trial {trial}: {outcomes}"
+        with EmbeddingStore(path, create=False, read_only=True) as s:
+            (model,) = s.models()
+            _, meta = s.load(model.id)
+            assert sorted(meta["path"].str[6:8]) == ["p1"] * 5 + ["p2"] * 5, f"trial {trial}"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".creating")]  # no private file left
+
+
+def _run_unprivileged(function, *args):
+    """`function(*args)` as an unprivileged user (root ignores file modes): in a forked child that drops to
+    uid/gid 65534 when this runs as root, in this process otherwise. Returns its result or re-raises."""
+    if os.geteuid() != 0:
+        return function(*args)
+    import multiprocessing
+
+    def child(queue):
+        os.setgid(65534)
+        os.setuid(65534)
+        try:
+            queue.put(("ok", function(*args)))
+        except BaseException as error:
+            queue.put(("error", (type(error).__name__, str(error))))
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=child, args=(queue,))
+    process.start()
+    kind, value = queue.get(timeout=60)
+    process.join(timeout=60)
+    if kind == "error":
+        raise {"StoreError": StoreError, "NotAStoreError": NotAStoreError}.get(value[0], RuntimeError)(
+            f"{value[0]}: {value[1]}"
+        )
+    return value
+
+
+@pytest.fixture
+def read_only_folder():
+    """A folder an unprivileged user can read but not write (outside pytest's root-only tmp folders)."""
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="labkit-ro-")
+    os.chmod(folder, 0o755)
+    yield __import__("pathlib").Path(folder)
+    os.chmod(folder, 0o755)
+    shutil.rmtree(folder)
+
+
+def _search_paths(path, query):
+    with EmbeddingStore(path, create=False, read_only=True) as s:
+        return s.immutable, s.search(query, model=1, k=3)["path"].tolist()
+
+
+def _open_writable(path):
+    EmbeddingStore(path).close()
+
+
+def test_store_in_a_read_only_folder_opens_read_only_and_refuses_plainly_otherwise(read_only_folder):
+    path = read_only_folder / "store.sqlite"
+    vectors, items = _items(30)
+    with EmbeddingStore(path) as s:
+        s.add(s.register_model("m", "fp-1", DIM), vectors, items)
+        expected = s.search(vectors[4], model=1, k=3)["path"].tolist()
+    os.chmod(path, 0o444)
+    os.chmod(read_only_folder, 0o555)
+    assert _run_unprivileged(_search_paths, path, vectors[4]) == (True, expected)
+    assert sorted(p.name for p in read_only_folder.iterdir()) == ["store.sqlite"]  # no -shm, -wal made
+    with pytest.raises(StoreError, match=r"store.sqlite cannot be opened for writing.*read_only=True"):
+        _run_unprivileged(_open_writable, path)
+    with pytest.raises(StoreError, match=r"cannot create a store at .*new.sqlite: the folder .* is not writable"):
+        _run_unprivileged(_open_writable, read_only_folder / "new.sqlite")
+    assert sorted(p.name for p in read_only_folder.iterdir()) == ["store.sqlite"]
+
+
+def test_read_only_folder_with_uncheckpointed_wal_is_refused_not_read_stale(tmp_path, read_only_folder):
+    path = tmp_path / "store.sqlite"
+    vectors, items = _items(10)
+    with EmbeddingStore(path) as s:
+        s.add(s.register_model("m", "fp-1", DIM), vectors, items)
+        s.add(1, vectors[:2] + 1, items.iloc[:2])  # still in the -wal file while this connection is open
+        for suffix in ("", "-wal"):
+            shutil.copyfile(f"{path}{suffix}", read_only_folder / f"store.sqlite{suffix}")
+    assert (read_only_folder / "store.sqlite-wal").stat().st_size > 0
+    os.chmod(read_only_folder, 0o555)
+    with pytest.raises(StoreError, match=r"store.sqlite-wal holds changes not yet written"):
+        _run_unprivileged(_search_paths, read_only_folder / "store.sqlite", vectors[0])
+
+
+def test_damaged_meta_or_missing_table_is_named(tmp_path):
+    path = tmp_path / "store.sqlite"
+    EmbeddingStore(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE meta SET value = 'one' WHERE key = 'schema_version'")
+    with pytest.raises(NotAStoreError, match=r"store.sqlite has an invalid schema_version 'one'"):
+        EmbeddingStore(path)
+    path = tmp_path / "store2.sqlite"
+    EmbeddingStore(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP TABLE items")
+    with pytest.raises(StoreError, match=r"store2.sqlite is a labkit store without its table\(s\) items"):
+        EmbeddingStore(path)
+
+
+def test_second_writer_behind_a_long_transaction_gets_a_named_lock_error(tmp_path):
+    path = tmp_path / "store.sqlite"
+    with EmbeddingStore(path) as s:
+        model_id = s.register_model("m", "fp-1", DIM)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another writer, holding the lock
+    try:
+        with EmbeddingStore(path, timeout=0.2) as s:
+            vectors, items = _items(3)
+            with pytest.raises(store_module.StoreLockedError, match=r"store.sqlite is locked: another conn"):
+                s.add(model_id, vectors, items)
+            assert len(s.load(model_id)[0]) == 0  # readers are not blocked
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
