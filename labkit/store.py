@@ -412,12 +412,16 @@ class EmbeddingStore:
         )
         if not os.access(self.path, os.W_OK) or not os.access(self.path.parent, os.W_OK | os.X_OK):
             where = "file" if not os.access(self.path, os.W_OK) else f"folder {self.path.parent}"
-            raise StoreError(f"the store {self.path} cannot be opened for writing: its {where} is read-only. {advice}")
+            raise StoreError(
+                f"the store {self.path} cannot be opened for writing: its {where} is read-only. {advice}"
+            )
         try:
             conn = self._connect("rw")
             conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
         except sqlite3.OperationalError as error:
-            raise StoreError(f"the store {self.path} cannot be opened for writing ({error}). {advice}") from None
+            raise StoreError(
+                f"the store {self.path} cannot be opened for writing ({error}). {advice}"
+            ) from None
         return conn
 
     def _open_read_only(self) -> sqlite3.Connection:
@@ -458,9 +462,9 @@ class EmbeddingStore:
 
     def _locked_error(self) -> StoreLockedError:
         return StoreLockedError(
-            f"the store {self.path} is locked: another connection (usually another process) has held its write "
-            f"lock for more than timeout={self.timeout:g} s. Wait for that writer to finish and retry, or open "
-            "the store with a longer timeout."
+            f"the store {self.path} is locked: another connection (usually another process) has held its "
+            f"write lock for more than timeout={self.timeout:g} s. Wait for that writer to finish and retry, "
+            "or open the store with a longer timeout."
         )
 
     def _create_schema(self, conn: sqlite3.Connection) -> None:

@@ -633,7 +633,9 @@ def test_store_in_a_read_only_folder_opens_read_only_and_refuses_plainly_otherwi
     assert sorted(p.name for p in read_only_folder.iterdir()) == ["store.sqlite"]  # no -shm, -wal made
     with pytest.raises(StoreError, match=r"store.sqlite cannot be opened for writing.*read_only=True"):
         _run_unprivileged(_open_writable, path)
-    with pytest.raises(StoreError, match=r"cannot create a store at .*new.sqlite: the folder .* is not writable"):
+    with pytest.raises(
+        StoreError, match=r"cannot create a store at .*new.sqlite: the folder .* is not writable"
+    ):
         _run_unprivileged(_open_writable, read_only_folder / "new.sqlite")
     assert sorted(p.name for p in read_only_folder.iterdir()) == ["store.sqlite"]
 
