@@ -33,6 +33,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from labkit.store_files import (
+    VectorFile,
+    faiss_index_path,
+    open_vector_file,
+    scan_top_k,
+    sidecar_path,
+    stale_faiss_indexes,
+    write_vector_file,
+)
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -53,7 +63,7 @@ __all__ = [
 ]
 
 APPLICATION_ID = 0x4C4B4553  # "LKES": labkit embedding store, in the SQLite header (offset 68)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: models.generation (the token vector sidecars and faiss indexes are checked against)
 MAGIC = "labkit-embedding-store"
 CORE_COLUMNS = ("path", "label", "split", "category")
 EXTRA_COLUMN = "extra"
@@ -65,7 +75,10 @@ BOX_COLUMNS = ("x_1", "y_1", "x_2", "y_2")
 _SQLITE_HEADER = b"SQLite format 3\x00"
 _NOT_CHANGED = "Pass the path of a labkit embedding store or a new file name; this file was not changed."
 _PAGE_SIZE = 16384
-_WAL_LIMIT = 64 * 2**20  # the WAL file is truncated to this after a checkpoint
+_WAL_LIMIT = 64 * 2**20
+#: Vector sidecars up to this size stay memory-mapped between searches; larger ones are read window by window.
+DEFAULT_RESIDENT_BYTES = 512 * 2**20
+_DB_CHUNK_ROWS = 8192  # the WAL file is truncated to this after a checkpoint
 _FILTERS = {"split": "split", "label": "label", "category": "category", "paths": "path"}
 _SCHEMA = f"""
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -75,7 +88,8 @@ CREATE TABLE models (
     fingerprint TEXT NOT NULL UNIQUE,
     dim INTEGER NOT NULL CHECK (dim > 0),
     created TEXT NOT NULL,
-    extra TEXT NOT NULL DEFAULT '{{}}'
+    extra TEXT NOT NULL DEFAULT '{{}}',
+    generation INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE items (
     id INTEGER PRIMARY KEY,
@@ -185,6 +199,11 @@ def _check_store_content(path: Path, conn: sqlite3.Connection) -> int:
             f"Restore it from a copy or build a new store under another name. {_NOT_CHANGED}"
         )
     return version
+
+
+def _bump(db: sqlite3.Connection, model_id: int) -> None:
+    """A new random generation token for the model, inside the caller's write transaction."""
+    db.execute("UPDATE models SET generation = random() WHERE id = ?", (model_id,))
 
 
 def _is_locked(error: sqlite3.OperationalError) -> bool:
@@ -329,6 +348,7 @@ class EmbeddingStore:
         create: bool = True,
         read_only: bool = False,
         timeout: float = 5.0,
+        resident_bytes: int = DEFAULT_RESIDENT_BYTES,
     ) -> None:
         if sqlite3.sqlite_version_info < (3, 24):
             raise RuntimeError(
@@ -339,8 +359,9 @@ class EmbeddingStore:
         self.timeout = float(timeout)
         self.immutable = False  # True: opened with SQLite's immutable flag (read-only file or folder)
         self._conn: sqlite3.Connection | None = None
-        self._writes = 0
-        self._gallery_cache: tuple | None = None
+        self.resident_bytes = int(resident_bytes)
+        self._vector_files: dict[int, VectorFile] = {}
+        self._faiss: dict[int, tuple[Path, Any]] = {}
         if not self.path.exists():
             if not create or read_only:
                 raise FileNotFoundError(
@@ -360,6 +381,9 @@ class EmbeddingStore:
             raise
         if not read_only:
             self._configure_writable()
+            if self._version < SCHEMA_VERSION:
+                self._upgrade()
+        self._store_id = self.meta.get("store_id")
 
     def _connect(self, mode: str, path: Path | None = None, immutable: bool = False) -> sqlite3.Connection:
         uri = _file_uri(path or self.path, mode) + ("&immutable=1" if immutable else "")
@@ -460,6 +484,18 @@ class EmbeddingStore:
                 raise self._locked_error() from None
             raise StoreError(f"the store {self.path} cannot be opened for writing ({error}).") from None
 
+    def _upgrade(self) -> None:
+        """Schema 1 -> 2: a generation token per model (and a store id), in one transaction."""
+        with self._transaction() as db:
+            if self._version == 1:
+                db.execute("ALTER TABLE models ADD COLUMN generation INTEGER NOT NULL DEFAULT 0")
+                db.execute("UPDATE models SET generation = random()")
+                db.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)", (secrets.token_hex(16),)
+                )
+                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+        self._version = SCHEMA_VERSION
+
     def _locked_error(self) -> StoreLockedError:
         return StoreLockedError(
             f"the store {self.path} is locked: another connection (usually another process) has held its "
@@ -473,7 +509,13 @@ class EmbeddingStore:
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         from labkit import __version__
 
-        meta = {"magic": MAGIC, "schema_version": str(SCHEMA_VERSION), "created": now, "labkit": __version__}
+        meta = {
+            "magic": MAGIC,
+            "schema_version": str(SCHEMA_VERSION),
+            "created": now,
+            "labkit": __version__,
+            "store_id": secrets.token_hex(16),
+        }
         statements = [s for s in _SCHEMA.split(";") if s.strip()]
         conn.execute(f"PRAGMA page_size = {_PAGE_SIZE}")  # 1.5 kB vectors fill 16 kB pages well
         conn.execute("BEGIN IMMEDIATE")
@@ -493,7 +535,10 @@ class EmbeddingStore:
         if conn is not None:
             conn.close()
             self._conn = None
-        self._gallery_cache = None
+        for vector_file in getattr(self, "_vector_files", {}).values():
+            vector_file.close()
+        self._vector_files = {}
+        self._faiss = {}
 
     def __enter__(self) -> EmbeddingStore:
         return self
@@ -505,7 +550,7 @@ class EmbeddingStore:
         state = "closed" if self._conn is None else f"{len(self)} items"
         return f"EmbeddingStore({str(self.path)!r}, {state})"
 
-    def __len__(self) -> int:
+    def __len__(self) -> int:  # noqa: D105
         return self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
 
     @property
@@ -533,7 +578,6 @@ class EmbeddingStore:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
-        self._writes += 1
 
     @property
     def meta(self) -> dict[str, str]:
@@ -628,6 +672,7 @@ class EmbeddingStore:
             before = db.execute("SELECT COUNT(*) FROM items WHERE model_id = ?", (info.id,)).fetchone()[0]
             db.executemany(_UPSERT, self._rows(info.id, frame, matrix))
             after = db.execute("SELECT COUNT(*) FROM items WHERE model_id = ?", (info.id,)).fetchone()[0]
+            _bump(db, info.id)
         inserted = after - before
         return {"inserted": inserted, "updated": len(paths) - inserted}
 
@@ -679,7 +724,9 @@ class EmbeddingStore:
             )
         where, params = self._where(info.id, filters)
         with self._transaction() as db:
-            return db.execute(f"DELETE FROM items WHERE {where}", params).rowcount
+            count = db.execute(f"DELETE FROM items WHERE {where}", params).rowcount
+            _bump(db, info.id)
+        return count
 
     def delete_model(self, model: int | str) -> int:
         """Delete a model and all its items; returns the number of items deleted."""
@@ -687,6 +734,7 @@ class EmbeddingStore:
         with self._transaction() as db:
             count = db.execute("DELETE FROM items WHERE model_id = ?", (info.id,)).rowcount
             db.execute("DELETE FROM models WHERE id = ?", (info.id,))
+        self._forget_files(info.id, remove=True)
         return count
 
     def vacuum(self) -> None:
@@ -791,15 +839,148 @@ class EmbeddingStore:
         return frame
 
     # -- search
-    def _gallery(self, info: ModelInfo, filters: dict[str, Any]) -> tuple[np.ndarray, pd.DataFrame]:
-        """`load` with a one-entry cache, invalid after any write (this connection's or another's)."""
-        key = (info.id, json.dumps({k: _value_list(v) for k, v in filters.items() if v is not None}))
-        stamp = (self._writes, self._db.execute("PRAGMA data_version").fetchone()[0])
-        if self._gallery_cache is not None and self._gallery_cache[:2] == (key, stamp):
-            return self._gallery_cache[2], self._gallery_cache[3]
-        matrix, frame = self.load(info.id, **filters)
-        self._gallery_cache = (key, stamp, matrix, frame)
-        return matrix, frame
+    def _generation(self, info: ModelInfo) -> int | None:
+        """The model's generation token (None for a schema-1 store opened read-only: no sidecar then)."""
+        if self._version < 2:
+            return None
+        row = self._db.execute("SELECT generation FROM models WHERE id = ?", (info.id,)).fetchone()
+        if row is None:
+            raise StoreError(f"{info.describe()} was deleted from {self.path} meanwhile.")
+        return int(row[0])
+
+    def _fresh(self, vector_file: VectorFile | None, info: ModelInfo, generation: int) -> bool:
+        if vector_file is None:
+            return False
+        h = vector_file.header
+        return (
+            h.get("store_id"),
+            h.get("model_id"),
+            h.get("fingerprint"),
+            h.get("generation"),
+            h.get("dim"),
+        ) == (
+            self._store_id,
+            info.id,
+            info.fingerprint,
+            generation,
+            info.dim,
+        )
+
+    def _forget_files(self, model_id: int, remove: bool = False) -> None:
+        cached = self._vector_files.pop(model_id, None)
+        if cached is not None:
+            cached.close()
+        self._faiss.pop(model_id, None)
+        if remove:
+            sidecar_path(self.path, model_id).unlink(missing_ok=True)
+            for stale in stale_faiss_indexes(self.path, model_id, 0):
+                stale.unlink(missing_ok=True)
+
+    def sidecar_state(self, model: int | str) -> str:
+        """ "fresh" when the model's vector sidecar holds exactly what the database holds, else "stale" or
+        "missing" (a stale or missing sidecar is rebuilt by the next search, or not used when read-only)."""
+        info = self.model(model)
+        generation = self._generation(info)
+        vector_file = open_vector_file(sidecar_path(self.path, info.id), 0)
+        try:
+            if vector_file is None:
+                return "missing"
+            return (
+                "fresh" if generation is not None and self._fresh(vector_file, info, generation) else "stale"
+            )
+        finally:
+            if vector_file is not None:
+                vector_file.close()
+
+    def build_sidecar(self, model: int | str) -> Path:
+        """(Re)write the model's vector sidecar from one consistent snapshot of the database; its path."""
+        if self.read_only:
+            raise StoreError(
+                f"the store {self.path} was opened read_only=True; open it writable to build files."
+            )
+        info = self.model(model)
+        self._forget_files(info.id)
+        path = sidecar_path(self.path, info.id)
+        db = self._db
+        own_snapshot = not db.in_transaction
+        if own_snapshot:
+            db.execute("BEGIN")  # a read snapshot: the generation and the rows belong together
+        try:
+            generation = self._generation(info)
+            n = db.execute("SELECT COUNT(*) FROM items WHERE model_id = ?", (info.id,)).fetchone()[0]
+            cursor = db.execute("SELECT id, embedding FROM items WHERE +model_id = ?", (info.id,))
+            header = {
+                "store_id": self._store_id,
+                "model_id": info.id,
+                "fingerprint": info.fingerprint,
+                "generation": generation,
+            }
+            write_vector_file(path, header, n, info.dim, self._blob_chunks(info, cursor))
+        finally:
+            if own_snapshot:
+                db.execute("COMMIT")
+        return path
+
+    def _blob_chunks(
+        self, info: ModelInfo, cursor: sqlite3.Cursor
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        while rows := cursor.fetchmany(_DB_CHUNK_ROWS):
+            ids, blobs = zip(*rows, strict=True)
+            buffer = b"".join(blobs)
+            if len(buffer) != len(rows) * info.dim * 4:
+                raise StoreError(
+                    f"{self.path}: stored vectors of {info.describe()} do not all have {info.dim} values."
+                )
+            order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
+            matrix = np.frombuffer(buffer, dtype="<f4").reshape(len(rows), info.dim)
+            yield np.asarray(ids, dtype=np.int64)[order], matrix[order]
+
+    def _vector_file(self, info: ModelInfo, generation: int | None) -> VectorFile | None:
+        """The model's fresh sidecar: cached, read from disk, or rebuilt (writable stores); None when none
+        can be had (read-only store without a fresh sidecar: the search then reads the database)."""
+        if generation is None:
+            return None
+        cached = self._vector_files.get(info.id)
+        if cached is not None and self._fresh(cached, info, generation):
+            return cached
+        self._forget_files(info.id)
+        vector_file = open_vector_file(sidecar_path(self.path, info.id), self.resident_bytes)
+        if not self._fresh(vector_file, info, generation):
+            if vector_file is not None:
+                vector_file.close()
+            if self.read_only:
+                return None
+            self.build_sidecar(info.id)
+            vector_file = open_vector_file(sidecar_path(self.path, info.id), self.resident_bytes)
+            if not self._fresh(vector_file, info, generation):  # changed again meanwhile: read the database
+                if vector_file is not None:
+                    vector_file.close()
+                return None
+        self._vector_files[info.id] = vector_file
+        return vector_file
+
+    def _chunks(
+        self, info: ModelInfo, filters: dict[str, Any], generation: int | None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """`(ids, vectors, squared norms)` of the model's items matching the filters: from the sidecar when it
+        is fresh, else straight from the database, chunk by chunk."""
+        active = {n: v for n, v in filters.items() if v is not None}
+        vector_file = self._vector_file(info, generation)
+        if vector_file is not None:
+            if not active:
+                return vector_file.chunks()
+            where, params = self._where(info.id, filters)
+            ids = np.fromiter(
+                (r[0] for r in self._db.execute(f"SELECT id FROM items WHERE {where}", params)), np.int64
+            )
+            positions = np.searchsorted(vector_file.ids, np.sort(ids))
+            return vector_file.chunks(positions)
+        where, params = self._where(info.id, filters)
+        cursor = self._db.execute(f"SELECT id, embedding FROM items WHERE {where}", params)
+        return (
+            (ids, matrix, np.einsum("ij,ij->i", matrix, matrix))
+            for ids, matrix in self._blob_chunks(info, cursor)
+        )
 
     def _search(
         self,
@@ -807,48 +988,158 @@ class EmbeddingStore:
         info: ModelInfo,
         k: int,
         filters: dict[str, Any],
-        exclude: Sequence[str | None] | None = None,
+        exclude: Sequence[int | None] | None = None,
+        exact: bool = True,
+        nprobe: int | None = None,
     ) -> pd.DataFrame:
-        from labkit.retrieval import knn
-
         if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
             raise StoreError(f"k must be a positive integer, got {k!r}.")
-        gallery, meta = self._gallery(info, filters)
-        if len(gallery) == 0:
+        extra = 1 if exclude is not None else 0
+        db = self._db
+        db.execute("BEGIN")  # one read snapshot for the generation check, the scan and the hits' metadata
+        try:
+            generation = self._generation(info)
+            if exact:
+                distances, ids = scan_top_k(queries, self._chunks(info, filters, generation), int(k) + extra)
+            else:
+                distances, ids = self._ann(queries, info, int(k) + extra, filters, generation, nprobe)
+            found = ids[ids >= 0]
+            rows = db.execute(
+                "SELECT id, path, label, split, category FROM items "
+                "WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps(np.unique(found).tolist()),),
+            ).fetchall()
+        finally:
+            db.execute("COMMIT")
+        if ids.shape[1] == 0:
             active = {n: v for n, v in filters.items() if v is not None}
             raise StoreError(f"{info.describe()} has no stored items matching {active or 'any filter'}.")
-        import torch
-
-        extra = 1 if exclude is not None else 0
-        top = min(int(k) + extra, len(gallery))
-        distances, indices = knn(torch.from_numpy(queries), torch.from_numpy(gallery), top)
-        distances, indices = _to_numpy(distances), _to_numpy(indices)
-        gallery_paths = meta["path"].to_numpy()
-        out = {c: [] for c in ("query", "rank", "row")}
-        distance_values = []
-        for q in range(len(queries)):
-            skip = exclude[q] if exclude is not None else None
-            rank = 0
-            for j, row in enumerate(indices[q]):
-                if row < 0 or (skip is not None and gallery_paths[row] == skip) or rank == k:
-                    continue
-                rank += 1
-                out["query"].append(q)
-                out["rank"].append(rank)
-                out["row"].append(int(row))
-                distance_values.append(float(distances[q, j]))
-        hits = meta.iloc[out["row"]]
+        by_id = {row[0]: row[1:] for row in rows}
+        keep = ids >= 0
+        if exclude is not None:
+            keep &= ids != np.asarray([-2 if e is None else e for e in exclude], dtype=np.int64)[:, None]
+        keep &= np.cumsum(keep, axis=1) <= k
+        query_index, column = np.nonzero(keep)
+        hit_ids = ids[query_index, column]
+        ranks = np.cumsum(keep, axis=1)[query_index, column]
+        hits = [by_id[i] for i in hit_ids.tolist()]
+        columns = list(zip(*hits, strict=True)) if hits else [(), (), (), ()]
         return pd.DataFrame(
             {
-                "query": np.asarray(out["query"], dtype=np.int64),
-                "rank": np.asarray(out["rank"], dtype=np.int64),
-                "path": hits["path"].to_numpy(),
-                "label": hits["label"].to_numpy(),
-                "category": hits["category"].to_numpy(),
-                "split": hits["split"].to_numpy(),
-                "distance": np.asarray(distance_values, dtype=np.float32),
+                "query": query_index.astype(np.int64),
+                "rank": ranks.astype(np.int64),
+                "path": np.asarray(columns[0], dtype=object),
+                "label": np.asarray(columns[1], dtype=object),
+                "category": np.asarray(columns[3], dtype=object),
+                "split": np.asarray(columns[2], dtype=object),
+                "distance": distances[query_index, column].astype(np.float32),
             }
         )
+
+    # -- approximate search (faiss)
+    def build_index(
+        self, model: int | str, *, nlist: int | None = None, train_size: int | None = None, seed: int = 0
+    ) -> dict[str, Any]:
+        """Build the model's faiss IVF-Flat index (Euclidean) from a fresh sidecar and save it beside the
+        store, named with the generation it indexes; `search(..., exact=False)` uses it while the store is
+        unchanged.
+
+        `nlist`: inverted lists (default ~4 sqrt(n)); `train_size`: vectors the k-means sees (default
+        min(n, 64 nlist)). Returns `{"path", "n", "nlist", "seconds"}`.
+        """
+        import time
+
+        faiss = _import_faiss()
+        if self.read_only:
+            raise StoreError(
+                f"the store {self.path} was opened read_only=True; open it writable to build files."
+            )
+        info = self.model(model)
+        started = time.perf_counter()
+        self.build_sidecar(info.id)
+        vector_file = open_vector_file(sidecar_path(self.path, info.id), 0)
+        generation = int(vector_file.header["generation"])
+        try:
+            n = vector_file.n
+            if n == 0:
+                raise StoreError(f"{info.describe()} has no items to index.")
+            nlist = int(nlist or max(1, min(round(4 * math.sqrt(n)), n // 39 or 1)))
+            train_size = int(train_size or min(n, 64 * nlist))
+            rows = np.sort(np.random.default_rng(seed).choice(n, size=min(train_size, n), replace=False))
+            sample = np.concatenate([vectors for _, vectors, _ in vector_file.chunks(rows)])
+            quantizer = faiss.IndexFlatL2(info.dim)
+            index = faiss.IndexIVFFlat(quantizer, info.dim, nlist, faiss.METRIC_L2)
+            index.cp.seed = seed
+            index.train(np.ascontiguousarray(sample, dtype=np.float32))
+            for ids, vectors, _ in vector_file.chunks():
+                index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids))
+        finally:
+            vector_file.close()
+        from labkit.store_files import private_name, publish
+
+        path = faiss_index_path(self.path, info.id, generation)
+        temporary = private_name(path)
+        try:
+            faiss.write_index(index, str(temporary))
+            publish(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+        for stale in stale_faiss_indexes(self.path, info.id, generation):
+            stale.unlink(missing_ok=True)
+        self._faiss[info.id] = (path, index)
+        return {"path": path, "n": n, "nlist": nlist, "seconds": time.perf_counter() - started}
+
+    def index_state(self, model: int | str) -> str:
+        """The model's faiss index: "fresh", "stale" (built before the last change: refused) or "missing"."""
+        info = self.model(model)
+        generation = self._generation(info)
+        if generation is not None and faiss_index_path(self.path, info.id, generation).is_file():
+            return "fresh"
+        return "stale" if stale_faiss_indexes(self.path, info.id, generation or 0) else "missing"
+
+    def _ann(
+        self,
+        queries: np.ndarray,
+        info: ModelInfo,
+        k: int,
+        filters: dict[str, Any],
+        generation: int | None,
+        nprobe: int | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        faiss = _import_faiss()
+        state = "missing" if generation is None else None
+        path = faiss_index_path(self.path, info.id, generation or 0)
+        cached = self._faiss.get(info.id)
+        if state is None and cached is not None and cached[0] == path and path.is_file():
+            index = cached[1]
+        elif state is None and path.is_file():
+            index = faiss.read_index(str(path))
+            self._faiss[info.id] = (path, index)
+        else:
+            state = "stale" if stale_faiss_indexes(self.path, info.id, generation or 0) else "missing"
+            raise StoreError(
+                f"the faiss index of {info.describe()} in {self.path.parent} is {state}"
+                + (" (the store changed after it was built)" if state == "stale" else "")
+                + "; it is not used. Rebuild it with store.build_index(model) or search with exact=True."
+            )
+        params = faiss.SearchParametersIVF()
+        params.nprobe = int(nprobe or max(1, index.nlist // 16))
+        if any(v is not None for v in filters.values()):
+            where, sql_params = self._where(info.id, filters)
+            ids = np.fromiter(
+                (r[0] for r in self._db.execute(f"SELECT id FROM items WHERE {where}", sql_params)), np.int64
+            )
+            if len(ids) == 0:
+                return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
+            selector = faiss.IDSelectorBatch(ids)
+            params.sel = selector
+        squared, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
+        distances = np.sqrt(np.maximum(squared, 0)).astype(np.float32)
+        distances[ids < 0] = np.inf
+        if not (ids >= 0).any():
+            return distances[:, :0], ids[:, :0]
+        order = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), distances), axis=1)
+        return np.take_along_axis(distances, order, 1), np.take_along_axis(ids, order, 1)
 
     def search(
         self,
@@ -860,11 +1151,15 @@ class EmbeddingStore:
         label: Any = None,
         category: Any = None,
         paths: Any = None,
+        exact: bool = True,
+        nprobe: int | None = None,
     ) -> pd.DataFrame:
-        """Exact Euclidean top-k of query vectors `(Q, D)` among the model's items matching the filters.
+        """Euclidean top-k of query vectors `(Q, D)` among the model's items matching the filters.
 
         Returns one row per hit: `query` (row of query_vectors), `rank` (1 = nearest), `path`, `label`,
-        `category`, `split`, `distance`.
+        `category`, `split`, `distance`. `exact=False` uses the model's faiss index (`build_index`; refused
+        when missing or stale) probing `nprobe` lists (default nlist/16): faster on large stores,
+        may miss hits.
         """
         info = self.model(model)
         queries = _to_numpy(query_vectors)
@@ -873,7 +1168,7 @@ class EmbeddingStore:
         names = [f"query {i}" for i in range(len(queries))]
         queries = _matrix(queries, info, names, what="query vectors")
         filters = {"split": split, "label": label, "category": category, "paths": paths}
-        return self._search(queries, info, k, filters)
+        return self._search(queries, info, k, filters, exact=exact, nprobe=nprobe)
 
     def search_stored(
         self,
@@ -886,6 +1181,8 @@ class EmbeddingStore:
         label: Any = None,
         category: Any = None,
         paths: Any = None,
+        exact: bool = True,
+        nprobe: int | None = None,
     ) -> pd.DataFrame:
         """Search with stored items as queries (by path); the query itself is left out of its results
         unless `exclude_self=False`. Adds the columns `query_path` and `query_label`."""
@@ -896,8 +1193,11 @@ class EmbeddingStore:
         if missing:
             raise StoreError(f"{info.describe()} has no stored item {missing[0]!r} ({len(missing)} missing).")
         query_paths = found["path"].tolist()
+        where, params = self._where(info.id, {"paths": query_paths})
+        id_of = dict(self._db.execute(f"SELECT path, id FROM items WHERE {where}", params).fetchall())
+        exclude = [id_of[p] for p in query_paths] if exclude_self else None
         filters = {"split": split, "label": label, "category": category, "paths": paths}
-        results = self._search(queries, info, k, filters, exclude=query_paths if exclude_self else None)
+        results = self._search(queries, info, k, filters, exclude=exclude, exact=exact, nprobe=nprobe)
         results.insert(1, "query_path", [query_paths[q] for q in results["query"]])
         results.insert(2, "query_label", [found["label"].iloc[q] for q in results["query"]])
         return results
@@ -915,6 +1215,7 @@ class EmbeddingStore:
         label: Any = None,
         category: Any = None,
         paths: Any = None,
+        exact: bool = True,
     ) -> pd.DataFrame:
         """Embed new images (paths or PIL images) with `extractor` and search the model that has the same
         fingerprint (or `model`, which must then have the extractor's fingerprint). Adds `query_path`."""
@@ -945,9 +1246,20 @@ class EmbeddingStore:
             vectors, info, [n or f"image {i}" for i, n in enumerate(names)], what="query vectors"
         )
         filters = {"split": split, "label": label, "category": category, "paths": paths}
-        results = self._search(queries, info, k, filters)
+        results = self._search(queries, info, k, filters, exact=exact)
         results.insert(1, "query_path", [names[q] for q in results["query"]])
         return results
+
+
+def _import_faiss() -> Any:
+    try:
+        import faiss
+    except ImportError:
+        raise StoreError(
+            "approximate search needs faiss: pip install 'labkit[faiss]' (faiss-cpu), "
+            "or search with exact=True."
+        ) from None
+    return faiss
 
 
 # --- image embedding
