@@ -941,7 +941,7 @@ class EmbeddingStore:
         if generation is None:
             return None
         cached = self._vector_files.get(info.id)
-        if cached is not None and self._fresh(cached, info, generation):
+        if cached is not None and self._fresh(cached, info, generation) and cached.unchanged():
             return cached
         self._forget_files(info.id)
         vector_file = open_vector_file(sidecar_path(self.path, info.id), self.resident_bytes)

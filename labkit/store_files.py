@@ -15,7 +15,7 @@ built from and is used only while the database still holds that token.
 `scan_top_k` is the exact search over (ids, vectors, squared norms) chunks: one matrix product per chunk for
 ``||g||^2 - 2 q.g`` (ranks like the squared distance), an `argpartition` top-k per chunk merged with the
 running best, and for the k winners of each chunk the distance computed directly as ``||q - g||`` (no
-cancellation error). Rows end sorted by (distance, item id). Memory: the queries, one chunk of scores
+cancellation error) in float64, then rounded to float32. Rows end sorted by (distance, item id). Memory: the queries, one chunk of scores
 (`score_bytes`) and O(queries x k); the vectors themselves are read through a memory map, window by window
 (`window_bytes`) unless the whole file fits `resident_bytes`, when it stays mapped between searches.
 """
@@ -158,6 +158,15 @@ class VectorFile:
     vectors_at: int
     fd: int
     resident: np.ndarray | None = None  # the whole (n, dim) matrix, mapped, when it fits the budget
+    stamp: tuple = ()  # (inode, size, mtime) when opened: a file changed in place is opened again
+
+    def unchanged(self) -> bool:
+        """Whether the file at `path` is still the one opened (our writes replace it: a new inode)."""
+        try:
+            now = os.stat(self.path)
+        except OSError:
+            return False
+        return (now.st_ino, now.st_size, now.st_mtime_ns) == self.stamp
 
     @property
     def n(self) -> int:
@@ -235,7 +244,9 @@ def open_vector_file(path: Path, resident_bytes: int) -> VectorFile | None:
     except (OSError, ValueError, KeyError, json.JSONDecodeError):
         os.close(fd)
         return None
-    vector_file = VectorFile(path, header, ids, norms, vectors_at, fd)
+    opened = os.fstat(fd)
+    stamp = (opened.st_ino, opened.st_size, opened.st_mtime_ns)
+    vector_file = VectorFile(path, header, ids, norms, vectors_at, fd, stamp=stamp)
     if 0 < 4 * n * dim <= resident_bytes:
         vector_file.resident = vector_file._map(0, n)
     return vector_file
@@ -266,7 +277,8 @@ def scan_top_k(
             else:
                 local = np.broadcast_to(np.arange(scores.shape[1]), (n_queries, scores.shape[1]))
             winners = g[local]  # (Q, k, D)
-            distances = np.sqrt(((winners - queries[:, None, :]) ** 2).sum(axis=2, dtype=np.float32))
+            difference = winners.astype(np.float64) - queries[:, None, :]
+            distances = np.sqrt(np.einsum("qkd,qkd->qk", difference, difference))
             best_scores = np.concatenate([best_scores, np.take_along_axis(scores, local, 1)], axis=1)
             best_ids = np.concatenate(
                 [best_ids, np.asarray(ids[start : start + rows_per_step])[local]], axis=1

@@ -685,3 +685,235 @@ def test_second_writer_behind_a_long_transaction_gets_a_named_lock_error(tmp_pat
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+
+
+# --- sidecar, faiss index (issue 15)
+def _reference_search(store, model_id, queries, k, **filters):
+    """The search before the sidecar: retrieval.knn over `load`, rows in load order."""
+    from labkit.retrieval import knn
+
+    gallery, meta = store.load(model_id, **filters)
+    distances, rows = knn(queries, gallery, min(k, len(gallery)))
+    return meta["path"].to_numpy()[rows.numpy()].ravel().tolist(), distances.numpy().ravel()
+
+
+def _clustered(n, dim, seed=0, n_classes=20):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_classes, dim)).astype(np.float32) * 3
+    labels = rng.integers(0, n_classes, n)
+    return (centres[labels] + rng.standard_normal((n, dim)).astype(np.float32)).astype(np.float32), labels
+
+
+@pytest.mark.parametrize("where", ["resident", "windows", "database"])
+def test_exact_search_is_identical_to_the_search_before_the_sidecar(tmp_path, monkeypatch, where):
+    from labkit import store_files
+
+    path = tmp_path / "store.sqlite"
+    vectors, items = _items(500)
+    vectors[[10, 20, 30, 40]] = vectors[5]  # exact ties: broken by insertion order
+    with EmbeddingStore(path) as s:
+        model_id = s.register_model("m", "fp-1", DIM)
+        s.add(model_id, vectors[:300], items.iloc[:300])
+        s.add(model_id, vectors[300:], items.iloc[300:])
+        s.delete_items(model_id, paths=items["path"].iloc[100:120].tolist())
+        s.add(model_id, vectors[:50] * 0.5, items.iloc[:50])  # updates in place
+        queries = np.concatenate([vectors[[5, 7]], np.random.default_rng(3).standard_normal((6, DIM))])
+        queries = queries.astype(np.float32)
+        expected = [(f, _reference_search(s, model_id, queries, 7, **f)) for f in ({}, {"split": "train"})]
+    if where == "windows":
+        monkeypatch.setattr(store_files, "WINDOW_BYTES", 37 * DIM * 4)  # 37 rows a window
+    options = {"resident_bytes": 0} if where != "resident" else {}
+    if where == "database":  # a read-only store without a fresh sidecar reads the database itself
+        store_files.sidecar_path(path, model_id).unlink(missing_ok=True)
+        options["read_only"] = True
+    with EmbeddingStore(path, **options) as s:
+        for f, (paths, distances) in expected:
+            results = s.search(queries, model=model_id, k=7, **f)
+            assert results["path"].tolist() == paths
+            # float64 sums here, float32 in torch before: the same values up to one float32 rounding
+            np.testing.assert_allclose(results["distance"].to_numpy(), distances, rtol=3e-7, atol=0)
+        assert results["rank"].tolist() == list(range(1, 8)) * len(queries)
+        tied = s.search(vectors[5], model=model_id, k=5)["path"].tolist()
+        assert tied == items["path"].iloc[[5, 10, 20, 30, 40]].tolist()
+        assert s.sidecar_state(model_id) == ("missing" if where == "database" else "fresh")
+
+
+def test_stale_or_damaged_sidecar_is_detected_and_never_used(tmp_path):
+    from labkit.store_files import sidecar_path
+
+    path = tmp_path / "store.sqlite"
+    vectors, items = _items(60)
+    with EmbeddingStore(path) as s:
+        model_id = s.register_model("m", "fp-1", DIM)
+        s.add(model_id, vectors, items)
+        sidecar = sidecar_path(path, model_id)
+        assert s.sidecar_state(model_id) == "missing"
+        s.search(vectors[0], model=model_id)
+        assert s.sidecar_state(model_id) == "fresh"
+        old_sidecar = sidecar.read_bytes()
+        # another connection moves item 0 far away: same count, same ids, other vectors
+        with EmbeddingStore(path) as other:
+            other.add(model_id, vectors[:1] + 50, items.iloc[:1])
+        assert s.sidecar_state(model_id) == "stale"
+        hits = s.search(vectors[0], model=model_id, k=1)  # this store had the old sidecar mapped
+        assert hits["path"][0] != items["path"][0]
+        assert s.sidecar_state(model_id) == "fresh"  # rebuilt
+        sidecar.write_bytes(old_sidecar)  # an old copy put back: refused, rebuilt
+        assert s.sidecar_state(model_id) == "stale"
+        assert s.search(vectors[0] + 50, model=model_id, k=1)["path"][0] == items["path"][0]
+        assert s.sidecar_state(model_id) == "fresh"
+        sidecar.write_bytes(sidecar.read_bytes()[:5000])  # truncated
+    with EmbeddingStore(path, read_only=True) as s:
+        assert s.sidecar_state(model_id) == "missing"  # unreadable counts as missing
+        assert s.search(vectors[0] + 50, model=model_id, k=1)["path"][0] == items["path"][0]
+        assert sidecar.stat().st_size == 5000  # a read-only store does not write
+    sidecar.write_bytes(old_sidecar)
+    with EmbeddingStore(path, read_only=True) as s:
+        assert s.sidecar_state(model_id) == "stale"
+        assert s.search(vectors[0] + 50, model=model_id, k=1)["path"][0] == items["path"][0]
+    with EmbeddingStore(path) as s:
+        s.delete_model(model_id)
+    assert not sidecar.exists()
+
+
+def _killed_child(path, stage, ready):
+    """Adds 3000 rows to the store at `path` and stops (for SIGKILL) after 1500 rows handed to SQLite
+    ("insert") or half-way through writing the sidecar after a committed insert ("sidecar")."""
+    import time
+
+    s = EmbeddingStore(path)
+    vectors, items = _items(3000, prefix="new", seed=9)
+    if stage == "insert":
+        original = EmbeddingStore._rows
+
+        def rows(model_id, frame, matrix):
+            for i, row in enumerate(original(model_id, frame, matrix)):
+                if i == 1500:
+                    ready.set()
+                    time.sleep(60)
+                yield row
+
+        s._rows = rows
+        s.add(1, vectors, items)
+    else:
+        s.add(1, vectors, items)
+        original = store_module.write_vector_file
+
+        def write(path, header, n, dim, chunks):
+            def slow():
+                for i, chunk in enumerate(chunks):
+                    if i == 1:
+                        ready.set()
+                        time.sleep(60)
+                    yield chunk
+
+            original(path, header, n, dim, slow())
+
+        store_module.write_vector_file = write
+        s.search(vectors[0], model=1)
+
+
+@pytest.mark.parametrize("stage", ["insert", "sidecar"])
+def test_kill_9_during_an_insert_or_a_sidecar_write_leaves_both_consistent(tmp_path, stage):
+    import multiprocessing
+    import signal
+
+    path = tmp_path / "store.sqlite"
+    vectors, items = _items(10000)  # > 8192 rows: the sidecar is written in two chunks
+    with EmbeddingStore(path) as s:
+        s.add(s.register_model("m", "fp-1", DIM), vectors, items)
+        s.search(vectors[0], model=1)
+    before = _snapshot(path)
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    child = context.Process(target=_killed_child, args=(path, stage, ready))
+    child.start()
+    assert ready.wait(60)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    with EmbeddingStore(path, read_only=True) as s:
+        if stage == "insert":
+            assert _snapshot(path) == before  # the transaction never happened
+            assert s.sidecar_state(1) == "fresh"  # and the sidecar still matches it
+        else:
+            assert len(s) == 13000  # the insert committed; the sidecar was not replaced half-written
+            assert s.sidecar_state(1) == "stale"
+            assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the dead writer's file
+        gallery, meta = s.load(1)
+        queries = gallery[[3, 10500 % len(gallery)]] + 0.01
+        expected = _reference_search(s, 1, queries, 5)[0]
+        assert s.search(queries, model=1, k=5)["path"].tolist() == expected
+    with EmbeddingStore(path) as s:
+        assert s.search(queries, model=1, k=5)["path"].tolist() == expected
+        assert s.sidecar_state(1) == "fresh"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # removed by the rebuild
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_faiss_index_same_schema_as_exact_refused_when_stale_or_missing(tmp_path):
+    pytest.importorskip("faiss")
+    path = tmp_path / "store.sqlite"
+    vectors, labels = _clustered(3000, 16)
+    items = pd.DataFrame(
+        {"path": [f"/d/{i}.png" for i in range(3000)], "label": labels, "split": ["validation"] * 3000}
+    )
+    items.loc[::4, "split"] = "train"
+    with EmbeddingStore(path) as s:
+        model_id = s.register_model("m", "fp-1", 16)
+        s.add(model_id, vectors, items)
+        queries = _clustered(40, 16, seed=1)[0]
+        with pytest.raises(StoreError, match=r"faiss index of model 1 .* is missing.*build_index"):
+            s.search(queries, model=model_id, exact=False)
+        built = s.build_index(model_id, nlist=16)
+        assert built["n"] == 3000 and built["path"].is_file() and s.index_state(model_id) == "fresh"
+        exact = s.search(queries, model=model_id, k=10)
+        approx = s.search(queries, model=model_id, k=10, exact=False, nprobe=4)
+        assert list(approx.columns) == list(exact.columns)
+        assert approx.dtypes.tolist() == exact.dtypes.tolist()
+        assert approx["rank"].tolist() == exact["rank"].tolist() == list(range(1, 11)) * 40
+        recall = np.mean(
+            [
+                len(set(a) & set(e)) / 10
+                for a, e in zip(
+                    approx.groupby("query")["path"].apply(list),
+                    exact.groupby("query")["path"].apply(list),
+                    strict=True,
+                )
+            ]
+        )
+        assert recall >= 0.9
+        everything = s.search(queries, model=model_id, k=10, exact=False, nprobe=16)  # all lists: exact
+        assert everything["path"].tolist() == exact["path"].tolist()
+        np.testing.assert_allclose(everything["distance"], exact["distance"], rtol=1e-5)
+        train = s.search(queries, model=model_id, k=5, exact=False, nprobe=16, split="train")
+        assert (
+            train["path"].tolist() == s.search(queries, model=model_id, k=5, split="train")["path"].tolist()
+        )
+        stored = s.search_stored(["/d/7.png"], model=model_id, k=3, exact=False, nprobe=16)
+        assert "/d/7.png" not in stored["path"].tolist() and len(stored) == 3
+        s.add(model_id, vectors[:1] + 1, items.iloc[:1])
+        assert s.index_state(model_id) == "stale"
+        with pytest.raises(StoreError, match=r"is stale \(the store changed after it was built\)"):
+            s.search(queries, model=model_id, exact=False)
+        s.build_index(model_id, nlist=16)
+        assert s.index_state(model_id) == "fresh"
+        assert len(list(tmp_path.glob("*.faiss"))) == 1  # the stale file was removed
+
+
+def test_schema_1_store_is_read_as_before_and_upgraded_when_opened_writable(tmp_path):
+    path = tmp_path / "store.sqlite"
+    vectors, items = _items(40)
+    with EmbeddingStore(path) as s:
+        s.add(s.register_model("m", "fp-1", DIM), vectors, items)
+    with sqlite3.connect(path) as conn:
+        conn.execute("ALTER TABLE models DROP COLUMN generation")
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+        conn.execute("DELETE FROM meta WHERE key = 'store_id'")
+    with EmbeddingStore(path, read_only=True) as s:
+        expected = _reference_search(s, 1, vectors[:3], 4)[0]
+        assert s.search(vectors[:3], model=1, k=4)["path"].tolist() == expected
+    with EmbeddingStore(path) as s:
+        assert s.meta["schema_version"] == "2" and len(s.meta["store_id"]) == 32
+        assert s.search(vectors[:3], model=1, k=4)["path"].tolist() == expected
+        assert s.sidecar_state(1) == "fresh"
