@@ -15,9 +15,11 @@ built from and is used only while the database still holds that token.
 `scan_top_k` is the exact search over (ids, vectors, squared norms) chunks: one matrix product per chunk for
 ``||g||^2 - 2 q.g`` (ranks like the squared distance), an `argpartition` top-k per chunk merged with the
 running best, and for the k winners of each chunk the distance computed directly as ``||q - g||`` (no
-cancellation error) in float64, then rounded to float32. Rows end sorted by (distance, item id). Memory: the queries, one chunk of scores
-(`score_bytes`) and O(queries x k); the vectors themselves are read through a memory map, window by window
-(`window_bytes`) unless the whole file fits `resident_bytes`, when it stays mapped between searches.
+cancellation error) in float64, then rounded to float32. Rows end sorted by (distance, item id).
+Memory: the queries, one chunk of scores (`score_bytes`) and O(queries x k); the vectors themselves are read
+through a memory map, window by window (`window_bytes`) unless the whole file fits `resident_bytes`, when it
+stays mapped between searches. Ranking uses float32 scores, so near-ties within float error may swap (as in
+`labkit.retrieval`).
 """
 
 from __future__ import annotations
