@@ -1044,7 +1044,7 @@ class EmbeddingStore:
         store, named with the generation it indexes; `search(..., exact=False)` uses it while the store is
         unchanged.
 
-        `nlist`: inverted lists (default ~4 sqrt(n)); `train_size`: vectors the k-means sees (default
+        `nlist`: inverted lists (default ~sqrt(n)); `train_size`: vectors the k-means sees (default
         min(n, 64 nlist)). Returns `{"path", "n", "nlist", "seconds"}`.
         """
         import time
@@ -1063,7 +1063,7 @@ class EmbeddingStore:
             n = vector_file.n
             if n == 0:
                 raise StoreError(f"{info.describe()} has no items to index.")
-            nlist = int(nlist or max(1, min(round(4 * math.sqrt(n)), n // 39 or 1)))
+            nlist = int(nlist or max(1, min(round(math.sqrt(n)), n // 39 or 1)))
             train_size = int(train_size or min(n, 64 * nlist))
             rows = np.sort(np.random.default_rng(seed).choice(n, size=min(train_size, n), replace=False))
             sample = np.concatenate([vectors for _, vectors, _ in vector_file.chunks(rows)])
