@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from labkit import run_store
 from labkit import store as store_module
 from labkit.store import APPLICATION_ID, EmbeddingStore, NotAStoreError, StoreError
 
@@ -449,7 +450,7 @@ def test_search_images_uses_the_stores_model(tmp_path, figures_df, extractor):
         assert results.loc[results["rank"] == 1, "path"].tolist() == [query, query]
         assert results["distance"].iloc[0] < 1e-3
         query_label = frame["label"].iloc[5]
-        figure = store_module.draw_search_results(results.iloc[:3], query_labels=[query_label])
+        figure = run_store.draw_search_results(results.iloc[:3], query_labels=[query_label])
         marks = ["\u2713" if label == query_label else "\u2717" for label in results["label"].iloc[:3]]
         titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
         assert titles == ["query 0"] + [f"#{rank} {mark}" for rank, mark in enumerate(marks, 1)]
@@ -487,7 +488,7 @@ def test_run_store_uses_saved_embeddings_and_refuses_another_model(tmp_path, fig
     seen.clear()
     db, model_id = store_module.open_store_for(tmp_path / "store.sqlite", extractor)
     with db:
-        filled = store_module.fill_from_run(db, extractor, tmp_path, df, check_rows=2)
+        filled = run_store.fill_from_run(db, extractor, tmp_path, df, check_rows=2)
         assert filled == {
             "model_id": model_id,
             "source": "validation_embeddings.pt",
@@ -506,7 +507,7 @@ def test_run_store_uses_saved_embeddings_and_refuses_another_model(tmp_path, fig
     db, other_id = store_module.open_store_for(tmp_path / "store.sqlite", other, overwrite=True)
     with db:
         assert other_id != model_id and [m.id for m in db.models()] == [other_id]
-        filled = store_module.fill_from_run(db, other, tmp_path, df, check_rows=2)
+        filled = run_store.fill_from_run(db, other, tmp_path, df, check_rows=2)
         assert (filled["source"], filled["embedded"], filled["skipped"]) == (
             "embedded now",
             len(validation),
@@ -521,7 +522,8 @@ def test_search_results_as_retrieval_results_and_figure(store):
     vectors, items = _items(20)
     store.add(model_id, vectors, items)
     results = store.search_stored([items["path"][0], items["path"][6]], model=model_id, k=3)
-    retrieval, shown = store_module.as_retrieval_results(results)
+    retrieval, shown = run_store.as_retrieval_results(results)
+    assert store_module.as_retrieval_results is run_store.as_retrieval_results  # the old name still works
     assert retrieval.query_ids.tolist() == [0, 1]
     assert shown["path"].tolist()[:2] == [items["path"][0], items["path"][6]]
     assert shown["path"].tolist()[2:] == results["path"].tolist()
@@ -532,8 +534,8 @@ def test_search_results_as_retrieval_results_and_figure(store):
     # a query of unknown label is relevant to nothing; vectors have no image unless paths are given
     by_vector = store.search(vectors[:1] + 0.01, model=model_id, k=2)
     with pytest.raises(StoreError, match="no query_path column"):
-        store_module.as_retrieval_results(by_vector)
-    retrieval, shown = store_module.as_retrieval_results(by_vector, query_paths=["/q.png"])
+        run_store.as_retrieval_results(by_vector)
+    retrieval, shown = run_store.as_retrieval_results(by_vector, query_paths=["/q.png"])
     assert not retrieval.relevant.any() and shown["label"][0] == "new image"
     assert retrieval.labels[0] not in retrieval.labels[1:]
 
