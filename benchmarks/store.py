@@ -8,10 +8,12 @@ removed afterwards; 1M x 384 needs ~6 GB of disk and ~5 GB of memory).
 
 Vectors: 1000 class centres plus noise, unit length (trained embeddings cluster by class; on structureless
 noise an IVF index needs far more probes for the same recall). Queries are new draws from the same classes.
-"Cold" = a new process that opens the store and searches once (the OS page cache is warm, as for a script run
-after another); "warm" = the median of the next single-query searches in that process. Peak memory = the
-process's maximum resident set during the cold search minus its resident set before it (memory-mapped file
-pages count while mapped).
+"Cold" = a new process that opens the store and searches once (the OS page cache is warm, as for a script
+run after another); "warm" = the median of the next single-query searches in that process. A store whose
+vectors exceed `resident_bytes` (default 512 MiB) scans them window by window (bounded memory); the benchmark
+also times such a store opened with a larger `resident_bytes` (all vectors mapped: faster, more memory).
+Peak memory = the process's maximum resident set during the cold search minus its resident set before it
+(memory-mapped file pages count while mapped).
 """
 
 from __future__ import annotations
@@ -73,12 +75,13 @@ def _child(engine: str, path: str, queries_path: str, k: int) -> None:
     import psutil
 
     queries = np.load(queries_path)
-    if engine == "labkit":
+    if engine.startswith("labkit"):
         from labkit.store import EmbeddingStore
 
+        options = {"resident_bytes": 2**62} if engine == "labkit-resident" else {}
         rss_before = psutil.Process().memory_info().rss
         start = time.perf_counter()
-        store = EmbeddingStore(path, read_only=True)
+        store = EmbeddingStore(path, read_only=True, **options)
         store.search(queries[0], model=1, k=k)
         cold = time.perf_counter() - start
 
@@ -118,7 +121,7 @@ def _cold_and_warm(engine: str, path: Path, queries_path: Path, k: int) -> dict:
 
 # --- one size
 def _bench(n: int, dim: int, n_queries: int, k: int, folder: Path, faiss_on: bool) -> dict:
-    from labkit.store import EmbeddingStore
+    from labkit.store import DEFAULT_RESIDENT_BYTES, EmbeddingStore
 
     vectors, labels = _data(n, dim, seed=0)
     queries, _ = _data(max(n_queries, 100), dim, seed=1)  # new draws around the same centres
@@ -141,6 +144,9 @@ def _bench(n: int, dim: int, n_queries: int, k: int, folder: Path, faiss_on: boo
     row.update(
         {f"labkit_{key}": value for key, value in _cold_and_warm("labkit", path, queries_path, k).items()}
     )
+    if n * dim * 4 > DEFAULT_RESIDENT_BYTES:  # the other side of the memory/speed trade: all vectors mapped
+        resident = _cold_and_warm("labkit-resident", path, queries_path, k)
+        row.update({f"resident_{key}": value for key, value in resident.items()})
     # the floor: one query as a bare numpy product against the vectors in memory, norms precomputed
     norms = np.einsum("ij,ij->i", vectors, vectors)
     bare = [
@@ -201,6 +207,13 @@ def _print(rows: list[dict], dim: int) -> None:
         ("warm search, bare numpy top-k", lambda r: ms(r["numpy_warm"])),
         ("labkit warm / numpy", lambda r: f"{r['labkit_warm'] / r['numpy_warm']:.2f}x"),
         ("peak memory of a cold search, labkit", lambda r: mib(r["labkit_peak"])),
+        ("cold search, labkit resident_bytes > vectors", lambda r: ms(r.get("resident_cold"))),
+        ("warm search, labkit resident_bytes > vectors", lambda r: ms(r.get("resident_warm"))),
+        (
+            "  / numpy",
+            lambda r: f"{r['resident_warm'] / r['numpy_warm']:.2f}x" if "resident_warm" in r else "—",
+        ),
+        ("peak memory, labkit resident_bytes > vectors", lambda r: mib(r.get("resident_peak"))),
         (
             "faiss IVF-Flat build (nlist)",
             lambda r: f"{s(r.get('faiss_build_s'))} ({r.get('faiss_nlist', '—')})",

@@ -184,12 +184,12 @@ class VectorFile:
             os.close(self.fd)
             self.fd = -1
 
-    def _map(self, start: int, stop: int) -> np.ndarray:
+    def _map(self, start: int, stop: int, populate: bool = False) -> np.ndarray:
         row_bytes = 4 * self.dim
         offset = self.vectors_at + start * row_bytes
         aligned = offset - offset % mmap.ALLOCATIONGRANULARITY
         length = (stop - start) * row_bytes + offset - aligned
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        flags = mmap.MAP_SHARED | (getattr(mmap, "MAP_POPULATE", 0) if populate else 0)
         mapped = mmap.mmap(self.fd, length, flags=flags, prot=mmap.PROT_READ, offset=aligned)
         return np.frombuffer(mapped, "<f4", count=(stop - start) * self.dim, offset=offset - aligned).reshape(
             stop - start, self.dim
@@ -250,7 +250,7 @@ def open_vector_file(path: Path, resident_bytes: int) -> VectorFile | None:
     stamp = (opened.st_ino, opened.st_size, opened.st_mtime_ns)
     vector_file = VectorFile(path, header, ids, norms, vectors_at, fd, stamp=stamp)
     if 0 < 4 * n * dim <= resident_bytes:
-        vector_file.resident = vector_file._map(0, n)
+        vector_file.resident = vector_file._map(0, n, populate=True)
     return vector_file
 
 
