@@ -51,6 +51,9 @@ from labkit.store_files import (
     VectorFile,
     faiss_index_path,
     open_vector_file,
+    private_name,
+    publish,
+    remove_abandoned,
     scan_top_k,
     sidecar_path,
     stale_faiss_indexes,
@@ -411,6 +414,7 @@ class EmbeddingStore:
                 f"cannot create a store at {self.path}: the folder {folder} is not writable. Choose a "
                 "writable folder (or copy an existing store there and open it with read_only=True)."
             )
+        remove_abandoned(self.path, ".creating")  # left by processes killed while creating this store
         private = folder / f".{self.path.name}.{os.getpid()}-{secrets.token_hex(4)}.creating"
         try:
             try:
@@ -1085,9 +1089,8 @@ class EmbeddingStore:
                 index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids))
         finally:
             vector_file.close()
-        from labkit.store_files import private_name, publish
-
         path = faiss_index_path(self.path, info.id, generation)
+        remove_abandoned(path)
         temporary = private_name(path)
         try:
             faiss.write_index(index, str(temporary))

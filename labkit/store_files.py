@@ -36,6 +36,9 @@ import numpy as np
 
 __all__ = [
     "VectorFile",
+    "private_name",
+    "publish",
+    "remove_abandoned",
     "faiss_index_path",
     "open_vector_file",
     "scan_top_k",
@@ -85,9 +88,9 @@ def private_name(final: Path) -> Path:
     return final.with_name(f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
 
 
-def remove_abandoned(final: Path) -> None:
+def remove_abandoned(final: Path, suffix: str = ".tmp") -> None:
     """Delete temporary files of `final` left by processes that no longer run (killed while writing)."""
-    for leftover in final.parent.glob(f".{final.name}.*.tmp"):
+    for leftover in final.parent.glob(f".{final.name}.*{suffix}"):
         try:
             pid = int(leftover.name[len(final.name) + 2 :].split("-", 1)[0])
             os.kill(pid, 0)
@@ -194,13 +197,6 @@ class VectorFile:
         return np.frombuffer(mapped, "<f4", count=(stop - start) * self.dim, offset=offset - aligned).reshape(
             stop - start, self.dim
         )
-
-    def rows(self, positions: np.ndarray) -> np.ndarray:
-        """Vectors at these row positions (a copy)."""
-        out = np.empty((len(positions), self.dim), np.float32)
-        for i, p in enumerate(np.asarray(positions, dtype=np.int64)):
-            out[i] = self.resident[p] if self.resident is not None else self._map(int(p), int(p) + 1)[0]
-        return out
 
     def chunks(
         self, positions: np.ndarray | None = None, window_bytes: int | None = None
