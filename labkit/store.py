@@ -421,6 +421,8 @@ class EmbeddingStore:
                 conn = self._connect("rwc", private)
                 try:
                     self._create_schema(conn)
+                    # WAL already here, where no one else looks: openers never convert a shared file
+                    conn.execute("PRAGMA journal_mode = WAL")
                 finally:
                     conn.close()
             except sqlite3.OperationalError as error:
