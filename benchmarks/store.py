@@ -63,23 +63,21 @@ def _sqlite_vec():
 
 
 # --- child processes: one cold search, then warm ones
-def _high_water_mark() -> int:
-    """Peak resident bytes of this process image (VmHWM; ru_maxrss would include the pre-exec parent)."""
+def _memory(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak) of this process image, bytes (ru_maxrss counts the pre-exec parent)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) * 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _child(engine: str, path: str, queries_path: str, k: int) -> None:
-    import psutil
-
     queries = np.load(queries_path)
     if engine.startswith("labkit"):
         from labkit.store import EmbeddingStore
 
         options = {"resident_bytes": 2**62} if engine == "labkit-resident" else {}
-        rss_before = psutil.Process().memory_info().rss
+        rss_before = _memory("VmRSS")
         start = time.perf_counter()
         store = EmbeddingStore(path, read_only=True, **options)
         store.search(queries[0], model=1, k=k)
@@ -89,7 +87,7 @@ def _child(engine: str, path: str, queries_path: str, k: int) -> None:
             return store.search(q, model=1, k=k)
     else:
         sqlite3, sqlite_vec = _sqlite_vec()
-        rss_before = psutil.Process().memory_info().rss
+        rss_before = _memory("VmRSS")
         start = time.perf_counter()
         conn = sqlite3.connect(path)
         conn.enable_load_extension(True)
@@ -101,7 +99,7 @@ def _child(engine: str, path: str, queries_path: str, k: int) -> None:
         def search(q):
             return conn.execute(sql, (q.tobytes(), k)).fetchall()
 
-    peak = _high_water_mark() - rss_before
+    peak = _memory("VmHWM") - rss_before
     warm = [_timed(search, q)[1] for q in queries[1:]]
     print(json.dumps({"cold": cold, "warm": statistics.median(warm), "peak": peak}))
 

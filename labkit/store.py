@@ -209,7 +209,7 @@ def _check_store_content(path: Path, conn: sqlite3.Connection) -> int:
     if missing:
         raise StoreError(
             f"{path} is a labkit store without its table(s) {', '.join(missing)}: the file is damaged. "
-            f"Restore it from a copy or build a new store under another name. {_NOT_CHANGED}"
+            "Restore it from a copy or build a new store under another name; this file was not changed."
         )
     return version
 

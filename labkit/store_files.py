@@ -269,7 +269,7 @@ def scan_top_k(
     for ids, vectors, norms in chunks:
         for start in range(0, len(ids), rows_per_step):
             g = vectors[start : start + rows_per_step]
-            scores = norms[start : start + rows_per_step][None, :] - 2 * (queries @ g.T)
+            scores = norms[start : start + rows_per_step][None, :] - 2 * (g @ queries.T).T  # GEMV for 1 query
             if scores.shape[1] > k:
                 local = np.argpartition(scores, k - 1, axis=1)[:, :k]
             else:
