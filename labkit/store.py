@@ -1,15 +1,29 @@
-"""Embeddings and their metadata in one SQLite file, searched exactly, one model at a time.
+"""Embeddings and their metadata in one SQLite file, searched exactly (or through a faiss index), one model
+at a time.
 
 An `EmbeddingStore` is a SQLite database (standard library `sqlite3`, WAL mode) with three tables:
 
-- `meta`: key/value rows, among them `magic` and `schema_version`; the file header also carries
-  `PRAGMA application_id = APPLICATION_ID`, so a foreign file is recognised before anything is written.
-- `models`: which model made the embeddings (backbone, fingerprint, dimension, created, extra JSON).
+- `meta`: key/value rows, among them `magic`, `schema_version` and a random `store_id`; the file header
+  also carries `PRAGMA application_id = APPLICATION_ID`, so a foreign file is recognised before anything
+  is written.
+- `models`: which model made the embeddings (backbone, fingerprint, dimension, created, extra JSON) and its
+  `generation`, a random token replaced in the same transaction as every change to the model's items.
 - `items`: one embedding per (model, path) with its label, split, category and extra JSON (every other column
   of the items DataFrame), the vector stored as a little-endian float32 blob.
 
-Writes are one transaction each (all rows or none). Embeddings of two models never meet: every read, search
-and deletion names its model (an id, a fingerprint or an unambiguous fingerprint prefix / backbone name).
+Writes are one transaction each (all rows or none); a second writer waits `timeout` seconds for the lock and
+then gets `StoreLockedError`. Embeddings of two models never meet: every read, search and deletion names its
+model (an id, a fingerprint or an unambiguous fingerprint prefix / backbone name).
+
+A new store is built in a private temporary file and hard-linked into place only if the name is still free, so
+two processes creating the same store both end up using one complete store, and a failed creation removes
+only its own temporary file. `read_only=True` opens a store in a read-only folder or file through SQLite's
+`immutable` flag (refused if a -wal file there holds changes not yet in the main file).
+
+Search (`labkit.store_files`): exact top-k over a memory-mapped vector sidecar beside the database, used only
+while its generation is the model's (otherwise rebuilt from one read snapshot, or, in a read-only store, the
+database is scanned chunk by chunk); a search is one read transaction, so the scan and the hits' metadata come
+from the same state. `build_index` + `search(..., exact=False)`: a faiss IVF-Flat index, refused when stale.
 """
 
 from __future__ import annotations
@@ -19,6 +33,8 @@ import json
 import math
 import operator
 import os
+import secrets
+import shutil
 import sqlite3
 import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
@@ -31,6 +47,19 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from labkit.store_files import (
+    VectorFile,
+    faiss_index_path,
+    open_vector_file,
+    private_name,
+    publish,
+    remove_abandoned,
+    scan_top_k,
+    sidecar_path,
+    stale_faiss_indexes,
+    write_vector_file,
+)
+
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
@@ -41,27 +70,28 @@ __all__ = [
     "ModelInfo",
     "NotAStoreError",
     "StoreError",
-    "as_retrieval_results",
-    "draw_search_results",
+    "StoreLockedError",
     "embed_dataset_cached",
     "embed_images",
-    "fill_from_run",
     "open_store_for",
 ]
 
 APPLICATION_ID = 0x4C4B4553  # "LKES": labkit embedding store, in the SQLite header (offset 68)
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: models.generation (the token vector sidecars and faiss indexes are checked against)
 MAGIC = "labkit-embedding-store"
 CORE_COLUMNS = ("path", "label", "split", "category")
 EXTRA_COLUMN = "extra"
 FILE_MTIME = "file_mtime_ns"
 FILE_SIZE = "file_size"
-VALIDATION_EMBEDDINGS = "validation_embeddings.pt"
 BOX_COLUMNS = ("x_1", "y_1", "x_2", "y_2")
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
+_NOT_CHANGED = "Pass the path of a labkit embedding store or a new file name; this file was not changed."
 _PAGE_SIZE = 16384
-_WAL_LIMIT = 64 * 2**20  # the WAL file is truncated to this after a checkpoint
+_WAL_LIMIT = 64 * 2**20
+#: Vector sidecars up to this size stay memory-mapped between searches; larger ones are read window by window.
+DEFAULT_RESIDENT_BYTES = 512 * 2**20
+_DB_CHUNK_ROWS = 8192  # the WAL file is truncated to this after a checkpoint
 _FILTERS = {"split": "split", "label": "label", "category": "category", "paths": "path"}
 _SCHEMA = f"""
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -71,7 +101,8 @@ CREATE TABLE models (
     fingerprint TEXT NOT NULL UNIQUE,
     dim INTEGER NOT NULL CHECK (dim > 0),
     created TEXT NOT NULL,
-    extra TEXT NOT NULL DEFAULT '{{}}'
+    extra TEXT NOT NULL DEFAULT '{{}}',
+    generation INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE items (
     id INTEGER PRIMARY KEY,
@@ -104,6 +135,10 @@ class NotAStoreError(StoreError):
     """The file exists but is not a labkit embedding store (it is left untouched)."""
 
 
+class StoreLockedError(StoreError):
+    """Another connection (usually another process) held the store's write lock past the timeout."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     """One row of the `models` table."""
@@ -124,43 +159,68 @@ def _file_uri(path: Path, mode: str) -> str:
     return f"file:{urllib.request.pathname2url(str(path.resolve()))}?mode={mode}"
 
 
-def _check_store_file(path: Path) -> None:
-    """Raise NotAStoreError unless `path` is a labkit store; reads only (header bytes, then read-only)."""
-    advice = "Pass the path of a labkit embedding store or a new file name; this file was not changed."
+def _check_store_header(path: Path) -> None:
+    """Raise NotAStoreError unless `path` starts like a labkit store (reads header bytes only)."""
     if path.is_dir():
-        raise NotAStoreError(f"{path} is a directory, not a labkit embedding store. {advice}")
+        raise NotAStoreError(f"{path} is a directory, not a labkit embedding store. {_NOT_CHANGED}")
     with open(path, "rb") as handle:
         header = handle.read(100)
     if not header:
-        raise NotAStoreError(f"{path} is an empty file, not a labkit embedding store. {advice}")
+        raise NotAStoreError(f"{path} is an empty file, not a labkit embedding store. {_NOT_CHANGED}")
     if not header.startswith(_SQLITE_HEADER) or len(header) < 100:
-        raise NotAStoreError(f"{path} is not a SQLite database, so not a labkit embedding store. {advice}")
+        raise NotAStoreError(
+            f"{path} is not a SQLite database, so not a labkit embedding store. {_NOT_CHANGED}"
+        )
     app_id = int.from_bytes(header[68:72], "big", signed=True)
     if app_id != APPLICATION_ID:
         raise NotAStoreError(
             f"{path} is a SQLite database of another application (application_id {app_id}, "
-            f"labkit stores have {APPLICATION_ID}). {advice}"
+            f"labkit stores have {APPLICATION_ID}). {_NOT_CHANGED}"
         )
-    conn = sqlite3.connect(_file_uri(path, "ro"), uri=True)
+
+
+def _check_store_content(path: Path, conn: sqlite3.Connection) -> int:
+    """Raise unless the open database `conn` holds a labkit store this labkit reads; its schema version."""
     try:
-        try:
-            meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
-        except sqlite3.DatabaseError as error:
-            raise NotAStoreError(
-                f"{path} has labkit's application_id but no readable meta table ({error})."
-            ) from None
-    finally:
-        conn.close()
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    except sqlite3.DatabaseError as error:
+        raise NotAStoreError(
+            f"{path} has labkit's application_id but no readable meta table ({error}). {_NOT_CHANGED}"
+        ) from None
     if meta.get("magic") != MAGIC:
-        raise NotAStoreError(f"{path} has no labkit store marker in its meta table. {advice}")
-    version = int(meta.get("schema_version", "0"))
+        raise NotAStoreError(f"{path} has no labkit store marker in its meta table. {_NOT_CHANGED}")
+    raw_version = meta.get("schema_version")
+    try:
+        version = int(raw_version)
+    except (TypeError, ValueError):
+        version = 0
     if version > SCHEMA_VERSION:
         raise StoreError(
             f"{path} has store schema version {version}; this labkit reads versions up to {SCHEMA_VERSION}: "
             "upgrade labkit."
         )
     if version < 1:
-        raise NotAStoreError(f"{path} has an invalid schema_version {meta.get('schema_version')!r}. {advice}")
+        raise NotAStoreError(
+            f"{path} has an invalid schema_version {raw_version!r} in its meta table (a whole number is "
+            f"expected); the store is damaged. {_NOT_CHANGED}"
+        )
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    missing = [t for t in ("meta", "models", "items") if t not in tables]
+    if missing:
+        raise StoreError(
+            f"{path} is a labkit store without its table(s) {', '.join(missing)}: the file is damaged. "
+            "Restore it from a copy or build a new store under another name; this file was not changed."
+        )
+    return version
+
+
+def _bump(db: sqlite3.Connection, model_id: int) -> None:
+    """A new random generation token for the model, inside the caller's write transaction."""
+    db.execute("UPDATE models SET generation = random() WHERE id = ?", (model_id,))
+
+
+def _is_locked(error: sqlite3.OperationalError) -> bool:
+    return "locked" in str(error) or "busy" in str(error)
 
 
 def _python_value(value: Any) -> Any:
@@ -294,56 +354,195 @@ class EmbeddingStore:
     model and filter at a time) until the next write, by this connection or another, or `close()`.
     """
 
-    def __init__(self, path: str | os.PathLike, *, create: bool = True, read_only: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        create: bool = True,
+        read_only: bool = False,
+        timeout: float = 5.0,
+        resident_bytes: int = DEFAULT_RESIDENT_BYTES,
+    ) -> None:
         if sqlite3.sqlite_version_info < (3, 24):
             raise RuntimeError(
                 f"labkit's store needs SQLite >= 3.24 (upsert); Python has {sqlite3.sqlite_version}."
             )
         self.path = Path(path).expanduser()
         self.read_only = read_only
-        self._writes = 0
-        self._gallery_cache: tuple | None = None
-        if self.path.exists():
-            _check_store_file(self.path)
-            self._conn = self._connect("ro" if read_only else "rw")
-        elif not create or read_only:
-            raise FileNotFoundError(f"no embedding store at {self.path}; pass create=True to make a new one.")
-        else:
+        self.timeout = float(timeout)
+        self.immutable = False  # True: opened with SQLite's immutable flag (read-only file or folder)
+        self._conn: sqlite3.Connection | None = None
+        self.resident_bytes = int(resident_bytes)
+        self._vector_files: dict[int, VectorFile] = {}
+        self._faiss: dict[int, tuple[Path, Any]] = {}
+        if not self.path.exists():
+            if not create or read_only:
+                raise FileNotFoundError(
+                    f"no embedding store at {self.path}; pass create=True to make a new one."
+                )
             if not self.path.parent.is_dir():
                 raise FileNotFoundError(
                     f"cannot create {self.path}: folder {self.path.parent} does not exist."
                 )
-            self._conn = self._connect("rwc")
-            try:
-                self._create_schema()
-            except BaseException:  # the file is ours (it did not exist): leave nothing half made
-                self.close()
-                for leftover in (self.path, self.path.with_name(self.path.name + "-journal")):
-                    leftover.unlink(missing_ok=True)
-                raise
+            self._create_file()  # leaves the file to whoever linked it first (this process or another)
+        _check_store_header(self.path)
+        self._conn = self._open_read_only() if read_only else self._open_writable()
+        try:
+            self._version = _check_store_content(self.path, self._conn)
+        except BaseException:
+            self.close()
+            raise
         if not read_only:
-            self._conn.execute("PRAGMA journal_mode = WAL")
-            self._conn.execute("PRAGMA synchronous = NORMAL")
-            self._conn.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT}")
+            self._configure_writable()
+            if self._version < SCHEMA_VERSION:
+                self._upgrade()
+        self._store_id = self.meta.get("store_id")
 
-    def _connect(self, mode: str) -> sqlite3.Connection:
-        conn = sqlite3.connect(_file_uri(self.path, mode), uri=True, isolation_level=None)
+    def _connect(self, mode: str, path: Path | None = None, immutable: bool = False) -> sqlite3.Connection:
+        uri = _file_uri(path or self.path, mode) + ("&immutable=1" if immutable else "")
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, timeout=self.timeout)
         conn.execute("PRAGMA foreign_keys = ON")
         return conn
 
-    def _create_schema(self) -> None:
+    def _create_file(self) -> None:
+        """Build a complete new store in a private temporary file of the same folder, then hard-link it to
+        `self.path` only if nothing is there yet (atomic). When another process won the race, its store is
+        opened instead; only the temporary file, which is this process's own, is ever removed."""
+        folder = self.path.parent
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise StoreError(
+                f"cannot create a store at {self.path}: the folder {folder} is not writable. Choose a "
+                "writable folder (or copy an existing store there and open it with read_only=True)."
+            )
+        remove_abandoned(self.path, ".creating")  # left by processes killed while creating this store
+        private = folder / f".{self.path.name}.{os.getpid()}-{secrets.token_hex(4)}.creating"
+        try:
+            try:
+                conn = self._connect("rwc", private)
+                try:
+                    self._create_schema(conn)
+                    # WAL already here, where no one else looks: openers never convert a shared file
+                    conn.execute("PRAGMA journal_mode = WAL")
+                finally:
+                    conn.close()
+            except sqlite3.OperationalError as error:
+                raise StoreError(
+                    f"cannot create a store at {self.path}: SQLite could not write in {folder} ({error}). "
+                    "Check that the folder is writable and has free space."
+                ) from None
+            try:
+                os.link(private, self.path)
+            except FileExistsError:
+                pass  # another process created the store first: open it
+            except OSError:  # no hard links on this file system: exclusive create, then copy
+                try:
+                    target = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                except FileExistsError:
+                    return
+                with os.fdopen(target, "wb") as out, open(private, "rb") as source:
+                    shutil.copyfileobj(source, out)
+        finally:
+            for mine in (private, private.with_name(private.name + "-journal")):
+                mine.unlink(missing_ok=True)
+
+    def _open_writable(self) -> sqlite3.Connection:
+        advice = (
+            "Open it with read_only=True to search it, or copy it (with any -wal file beside it) to a "
+            "writable folder."
+        )
+        if not os.access(self.path, os.W_OK) or not os.access(self.path.parent, os.W_OK | os.X_OK):
+            where = "file" if not os.access(self.path, os.W_OK) else f"folder {self.path.parent}"
+            raise StoreError(
+                f"the store {self.path} cannot be opened for writing: its {where} is read-only. {advice}"
+            )
+        try:
+            conn = self._connect("rw")
+            conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        except sqlite3.OperationalError as error:
+            raise StoreError(
+                f"the store {self.path} cannot be opened for writing ({error}). {advice}"
+            ) from None
+        return conn
+
+    def _open_read_only(self) -> sqlite3.Connection:
+        """A read-only connection; SQLite's `immutable` flag when WAL's shared-memory file cannot be made
+        (read-only folder or file), which is safe only while nothing changes the file, so it is refused when
+        a -wal file holds changes not yet in the main file."""
+        try:
+            conn = self._connect("ro")
+            conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+            return conn
+        except sqlite3.OperationalError as first_error:
+            failure = first_error
+        wal = self.path.with_name(self.path.name + "-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise StoreError(
+                f"the store {self.path} cannot be read in place ({failure}): its folder or file is read-only "
+                f"and {wal.name} holds changes not yet written into the main file. Open it once writable, or "
+                "copy the store with its -wal file to a writable folder."
+            )
+        try:
+            conn = self._connect("ro", immutable=True)
+            conn.execute("SELECT 1 FROM sqlite_master LIMIT 1").fetchall()
+        except sqlite3.OperationalError as error:
+            raise StoreError(f"the store {self.path} cannot be opened for reading ({error}).") from None
+        self.immutable = True
+        return conn
+
+    def _configure_writable(self) -> None:
+        try:
+            self._conn.execute("PRAGMA journal_mode = WAL")
+            self._conn.execute("PRAGMA synchronous = NORMAL")
+            self._conn.execute(f"PRAGMA journal_size_limit = {_WAL_LIMIT}")
+        except sqlite3.OperationalError as error:
+            self.close()
+            if _is_locked(error):
+                raise self._locked_error() from None
+            raise StoreError(f"the store {self.path} cannot be opened for writing ({error}).") from None
+
+    def _upgrade(self) -> None:
+        """Schema 1 -> 2: a generation token per model (and a store id), in one transaction."""
+        with self._transaction() as db:
+            if self._version == 1:
+                db.execute("ALTER TABLE models ADD COLUMN generation INTEGER NOT NULL DEFAULT 0")
+                db.execute("UPDATE models SET generation = random()")
+                db.execute(
+                    "INSERT OR IGNORE INTO meta (key, value) VALUES ('store_id', ?)", (secrets.token_hex(16),)
+                )
+                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
+        self._version = SCHEMA_VERSION
+
+    def _locked_error(self) -> StoreLockedError:
+        return StoreLockedError(
+            f"the store {self.path} is locked: another connection (usually another process) has held its "
+            f"write lock for more than timeout={self.timeout:g} s. Wait for that writer to finish and retry, "
+            "or open the store with a longer timeout."
+        )
+
+    def _create_schema(self, conn: sqlite3.Connection) -> None:
         # Everything, application_id included, in the first (rollback-journal) transaction, before WAL is on:
         # the header of the main file carries the marker from the start.
         now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         from labkit import __version__
 
-        meta = {"magic": MAGIC, "schema_version": str(SCHEMA_VERSION), "created": now, "labkit": __version__}
+        meta = {
+            "magic": MAGIC,
+            "schema_version": str(SCHEMA_VERSION),
+            "created": now,
+            "labkit": __version__,
+            "store_id": secrets.token_hex(16),
+        }
         statements = [s for s in _SCHEMA.split(";") if s.strip()]
-        self._db.execute(f"PRAGMA page_size = {_PAGE_SIZE}")  # 1.5 kB vectors fill 16 kB pages well
-        with self._transaction():
+        conn.execute(f"PRAGMA page_size = {_PAGE_SIZE}")  # 1.5 kB vectors fill 16 kB pages well
+        conn.execute("BEGIN IMMEDIATE")
+        try:
             for statement in statements:
-                self._conn.execute(statement)
-            self._conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta.items())
+                conn.execute(statement)
+            conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", meta.items())
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
 
     # -- lifecycle
     def close(self) -> None:
@@ -352,7 +551,10 @@ class EmbeddingStore:
         if conn is not None:
             conn.close()
             self._conn = None
-        self._gallery_cache = None
+        for vector_file in getattr(self, "_vector_files", {}).values():
+            vector_file.close()
+        self._vector_files = {}
+        self._faiss = {}
 
     def __enter__(self) -> EmbeddingStore:
         return self
@@ -364,7 +566,7 @@ class EmbeddingStore:
         state = "closed" if self._conn is None else f"{len(self)} items"
         return f"EmbeddingStore({str(self.path)!r}, {state})"
 
-    def __len__(self) -> int:
+    def __len__(self) -> int:  # noqa: D105
         return self._db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
 
     @property
@@ -380,14 +582,18 @@ class EmbeddingStore:
                 f"the store {self.path} was opened read_only=True; open it writable to change it."
             )
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as error:
+            if _is_locked(error):
+                raise self._locked_error() from None
+            raise
         try:
             yield db
         except BaseException:
             db.execute("ROLLBACK")
             raise
         db.execute("COMMIT")
-        self._writes += 1
 
     @property
     def meta(self) -> dict[str, str]:
@@ -482,6 +688,7 @@ class EmbeddingStore:
             before = db.execute("SELECT COUNT(*) FROM items WHERE model_id = ?", (info.id,)).fetchone()[0]
             db.executemany(_UPSERT, self._rows(info.id, frame, matrix))
             after = db.execute("SELECT COUNT(*) FROM items WHERE model_id = ?", (info.id,)).fetchone()[0]
+            _bump(db, info.id)
         inserted = after - before
         return {"inserted": inserted, "updated": len(paths) - inserted}
 
@@ -533,7 +740,9 @@ class EmbeddingStore:
             )
         where, params = self._where(info.id, filters)
         with self._transaction() as db:
-            return db.execute(f"DELETE FROM items WHERE {where}", params).rowcount
+            count = db.execute(f"DELETE FROM items WHERE {where}", params).rowcount
+            _bump(db, info.id)
+        return count
 
     def delete_model(self, model: int | str) -> int:
         """Delete a model and all its items; returns the number of items deleted."""
@@ -541,6 +750,7 @@ class EmbeddingStore:
         with self._transaction() as db:
             count = db.execute("DELETE FROM items WHERE model_id = ?", (info.id,)).rowcount
             db.execute("DELETE FROM models WHERE id = ?", (info.id,))
+        self._forget_files(info.id, remove=True)
         return count
 
     def vacuum(self) -> None:
@@ -645,15 +855,148 @@ class EmbeddingStore:
         return frame
 
     # -- search
-    def _gallery(self, info: ModelInfo, filters: dict[str, Any]) -> tuple[np.ndarray, pd.DataFrame]:
-        """`load` with a one-entry cache, invalid after any write (this connection's or another's)."""
-        key = (info.id, json.dumps({k: _value_list(v) for k, v in filters.items() if v is not None}))
-        stamp = (self._writes, self._db.execute("PRAGMA data_version").fetchone()[0])
-        if self._gallery_cache is not None and self._gallery_cache[:2] == (key, stamp):
-            return self._gallery_cache[2], self._gallery_cache[3]
-        matrix, frame = self.load(info.id, **filters)
-        self._gallery_cache = (key, stamp, matrix, frame)
-        return matrix, frame
+    def _generation(self, info: ModelInfo) -> int | None:
+        """The model's generation token (None for a schema-1 store opened read-only: no sidecar then)."""
+        if self._version < 2:
+            return None
+        row = self._db.execute("SELECT generation FROM models WHERE id = ?", (info.id,)).fetchone()
+        if row is None:
+            raise StoreError(f"{info.describe()} was deleted from {self.path} meanwhile.")
+        return int(row[0])
+
+    def _fresh(self, vector_file: VectorFile | None, info: ModelInfo, generation: int) -> bool:
+        if vector_file is None:
+            return False
+        h = vector_file.header
+        return (
+            h.get("store_id"),
+            h.get("model_id"),
+            h.get("fingerprint"),
+            h.get("generation"),
+            h.get("dim"),
+        ) == (
+            self._store_id,
+            info.id,
+            info.fingerprint,
+            generation,
+            info.dim,
+        )
+
+    def _forget_files(self, model_id: int, remove: bool = False) -> None:
+        cached = self._vector_files.pop(model_id, None)
+        if cached is not None:
+            cached.close()
+        self._faiss.pop(model_id, None)
+        if remove:
+            sidecar_path(self.path, model_id).unlink(missing_ok=True)
+            for stale in stale_faiss_indexes(self.path, model_id, 0):
+                stale.unlink(missing_ok=True)
+
+    def sidecar_state(self, model: int | str) -> str:
+        """ "fresh" when the model's vector sidecar holds exactly what the database holds, else "stale" or
+        "missing" (a stale or missing sidecar is rebuilt by the next search, or not used when read-only)."""
+        info = self.model(model)
+        generation = self._generation(info)
+        vector_file = open_vector_file(sidecar_path(self.path, info.id), 0)
+        try:
+            if vector_file is None:
+                return "missing"
+            return (
+                "fresh" if generation is not None and self._fresh(vector_file, info, generation) else "stale"
+            )
+        finally:
+            if vector_file is not None:
+                vector_file.close()
+
+    def build_sidecar(self, model: int | str) -> Path:
+        """(Re)write the model's vector sidecar from one consistent snapshot of the database; its path."""
+        if self.read_only:
+            raise StoreError(
+                f"the store {self.path} was opened read_only=True; open it writable to build files."
+            )
+        info = self.model(model)
+        self._forget_files(info.id)
+        path = sidecar_path(self.path, info.id)
+        db = self._db
+        own_snapshot = not db.in_transaction
+        if own_snapshot:
+            db.execute("BEGIN")  # a read snapshot: the generation and the rows belong together
+        try:
+            generation = self._generation(info)
+            n = db.execute("SELECT COUNT(*) FROM items WHERE model_id = ?", (info.id,)).fetchone()[0]
+            cursor = db.execute("SELECT id, embedding FROM items WHERE +model_id = ?", (info.id,))
+            header = {
+                "store_id": self._store_id,
+                "model_id": info.id,
+                "fingerprint": info.fingerprint,
+                "generation": generation,
+            }
+            write_vector_file(path, header, n, info.dim, self._blob_chunks(info, cursor))
+        finally:
+            if own_snapshot:
+                db.execute("COMMIT")
+        return path
+
+    def _blob_chunks(
+        self, info: ModelInfo, cursor: sqlite3.Cursor
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        while rows := cursor.fetchmany(_DB_CHUNK_ROWS):
+            ids, blobs = zip(*rows, strict=True)
+            buffer = b"".join(blobs)
+            if len(buffer) != len(rows) * info.dim * 4:
+                raise StoreError(
+                    f"{self.path}: stored vectors of {info.describe()} do not all have {info.dim} values."
+                )
+            order = np.argsort(np.asarray(ids, dtype=np.int64), kind="stable")
+            matrix = np.frombuffer(buffer, dtype="<f4").reshape(len(rows), info.dim)
+            yield np.asarray(ids, dtype=np.int64)[order], matrix[order]
+
+    def _vector_file(self, info: ModelInfo, generation: int | None) -> VectorFile | None:
+        """The model's fresh sidecar: cached, read from disk, or rebuilt (writable stores); None when none
+        can be had (read-only store without a fresh sidecar: the search then reads the database)."""
+        if generation is None:
+            return None
+        cached = self._vector_files.get(info.id)
+        if cached is not None and self._fresh(cached, info, generation) and cached.unchanged():
+            return cached
+        self._forget_files(info.id)
+        vector_file = open_vector_file(sidecar_path(self.path, info.id), self.resident_bytes)
+        if not self._fresh(vector_file, info, generation):
+            if vector_file is not None:
+                vector_file.close()
+            if self.read_only:
+                return None
+            self.build_sidecar(info.id)
+            vector_file = open_vector_file(sidecar_path(self.path, info.id), self.resident_bytes)
+            if not self._fresh(vector_file, info, generation):  # changed again meanwhile: read the database
+                if vector_file is not None:
+                    vector_file.close()
+                return None
+        self._vector_files[info.id] = vector_file
+        return vector_file
+
+    def _chunks(
+        self, info: ModelInfo, filters: dict[str, Any], generation: int | None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """`(ids, vectors, squared norms)` of the model's items matching the filters: from the sidecar when it
+        is fresh, else straight from the database, chunk by chunk."""
+        active = {n: v for n, v in filters.items() if v is not None}
+        vector_file = self._vector_file(info, generation)
+        if vector_file is not None:
+            if not active:
+                return vector_file.chunks()
+            where, params = self._where(info.id, filters)
+            ids = np.fromiter(
+                (r[0] for r in self._db.execute(f"SELECT id FROM items WHERE {where}", params)), np.int64
+            )
+            positions = np.searchsorted(vector_file.ids, np.sort(ids))
+            return vector_file.chunks(positions)
+        where, params = self._where(info.id, filters)
+        cursor = self._db.execute(f"SELECT id, embedding FROM items WHERE {where}", params)
+        return (
+            (ids, matrix, np.einsum("ij,ij->i", matrix, matrix))
+            for ids, matrix in self._blob_chunks(info, cursor)
+        )
 
     def _search(
         self,
@@ -661,48 +1004,157 @@ class EmbeddingStore:
         info: ModelInfo,
         k: int,
         filters: dict[str, Any],
-        exclude: Sequence[str | None] | None = None,
+        exclude: Sequence[int | None] | None = None,
+        exact: bool = True,
+        nprobe: int | None = None,
     ) -> pd.DataFrame:
-        from labkit.retrieval import knn
-
         if isinstance(k, bool) or not isinstance(k, Integral) or k < 1:
             raise StoreError(f"k must be a positive integer, got {k!r}.")
-        gallery, meta = self._gallery(info, filters)
-        if len(gallery) == 0:
+        extra = 1 if exclude is not None else 0
+        db = self._db
+        db.execute("BEGIN")  # one read snapshot for the generation check, the scan and the hits' metadata
+        try:
+            generation = self._generation(info)
+            if exact:
+                distances, ids = scan_top_k(queries, self._chunks(info, filters, generation), int(k) + extra)
+            else:
+                distances, ids = self._ann(queries, info, int(k) + extra, filters, generation, nprobe)
+            found = ids[ids >= 0]
+            rows = db.execute(
+                "SELECT id, path, label, split, category FROM items "
+                "WHERE id IN (SELECT value FROM json_each(?))",
+                (json.dumps(np.unique(found).tolist()),),
+            ).fetchall()
+        finally:
+            db.execute("COMMIT")
+        if ids.shape[1] == 0:
             active = {n: v for n, v in filters.items() if v is not None}
             raise StoreError(f"{info.describe()} has no stored items matching {active or 'any filter'}.")
-        import torch
-
-        extra = 1 if exclude is not None else 0
-        top = min(int(k) + extra, len(gallery))
-        distances, indices = knn(torch.from_numpy(queries), torch.from_numpy(gallery), top)
-        distances, indices = _to_numpy(distances), _to_numpy(indices)
-        gallery_paths = meta["path"].to_numpy()
-        out = {c: [] for c in ("query", "rank", "row")}
-        distance_values = []
-        for q in range(len(queries)):
-            skip = exclude[q] if exclude is not None else None
-            rank = 0
-            for j, row in enumerate(indices[q]):
-                if row < 0 or (skip is not None and gallery_paths[row] == skip) or rank == k:
-                    continue
-                rank += 1
-                out["query"].append(q)
-                out["rank"].append(rank)
-                out["row"].append(int(row))
-                distance_values.append(float(distances[q, j]))
-        hits = meta.iloc[out["row"]]
+        by_id = {row[0]: row[1:] for row in rows}
+        keep = ids >= 0
+        if exclude is not None:
+            keep &= ids != np.asarray([-2 if e is None else e for e in exclude], dtype=np.int64)[:, None]
+        keep &= np.cumsum(keep, axis=1) <= k
+        query_index, column = np.nonzero(keep)
+        hit_ids = ids[query_index, column]
+        ranks = np.cumsum(keep, axis=1)[query_index, column]
+        hits = [by_id[i] for i in hit_ids.tolist()]
+        columns = list(zip(*hits, strict=True)) if hits else [(), (), (), ()]
         return pd.DataFrame(
             {
-                "query": np.asarray(out["query"], dtype=np.int64),
-                "rank": np.asarray(out["rank"], dtype=np.int64),
-                "path": hits["path"].to_numpy(),
-                "label": hits["label"].to_numpy(),
-                "category": hits["category"].to_numpy(),
-                "split": hits["split"].to_numpy(),
-                "distance": np.asarray(distance_values, dtype=np.float32),
+                "query": query_index.astype(np.int64),
+                "rank": ranks.astype(np.int64),
+                "path": np.asarray(columns[0], dtype=object),
+                "label": np.asarray(columns[1], dtype=object),
+                "category": np.asarray(columns[3], dtype=object),
+                "split": np.asarray(columns[2], dtype=object),
+                "distance": distances[query_index, column].astype(np.float32),
             }
         )
+
+    # -- approximate search (faiss)
+    def build_index(
+        self, model: int | str, *, nlist: int | None = None, train_size: int | None = None, seed: int = 0
+    ) -> dict[str, Any]:
+        """Build the model's faiss IVF-Flat index (Euclidean) from a fresh sidecar and save it beside the
+        store, named with the generation it indexes; `search(..., exact=False)` uses it while the store is
+        unchanged.
+
+        `nlist`: inverted lists (default ~sqrt(n)); `train_size`: vectors the k-means sees (default
+        min(n, 64 nlist)). Returns `{"path", "n", "nlist", "seconds"}`.
+        """
+        import time
+
+        faiss = _import_faiss()
+        if self.read_only:
+            raise StoreError(
+                f"the store {self.path} was opened read_only=True; open it writable to build files."
+            )
+        info = self.model(model)
+        started = time.perf_counter()
+        self.build_sidecar(info.id)
+        vector_file = open_vector_file(sidecar_path(self.path, info.id), 0)
+        generation = int(vector_file.header["generation"])
+        try:
+            n = vector_file.n
+            if n == 0:
+                raise StoreError(f"{info.describe()} has no items to index.")
+            nlist = int(nlist or max(1, min(round(math.sqrt(n)), n // 39 or 1)))
+            train_size = int(train_size or min(n, 64 * nlist))
+            rows = np.sort(np.random.default_rng(seed).choice(n, size=min(train_size, n), replace=False))
+            sample = np.concatenate([vectors for _, vectors, _ in vector_file.chunks(rows)])
+            quantizer = faiss.IndexFlatL2(info.dim)
+            index = faiss.IndexIVFFlat(quantizer, info.dim, nlist, faiss.METRIC_L2)
+            index.cp.seed = seed
+            index.train(np.ascontiguousarray(sample, dtype=np.float32))
+            for ids, vectors, _ in vector_file.chunks():
+                index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.ascontiguousarray(ids))
+        finally:
+            vector_file.close()
+        path = faiss_index_path(self.path, info.id, generation)
+        remove_abandoned(path)
+        temporary = private_name(path)
+        try:
+            faiss.write_index(index, str(temporary))
+            publish(temporary, path)
+        finally:
+            temporary.unlink(missing_ok=True)
+        for stale in stale_faiss_indexes(self.path, info.id, generation):
+            stale.unlink(missing_ok=True)
+        self._faiss[info.id] = (path, index)
+        return {"path": path, "n": n, "nlist": nlist, "seconds": time.perf_counter() - started}
+
+    def index_state(self, model: int | str) -> str:
+        """The model's faiss index: "fresh", "stale" (built before the last change: refused) or "missing"."""
+        info = self.model(model)
+        generation = self._generation(info)
+        if generation is not None and faiss_index_path(self.path, info.id, generation).is_file():
+            return "fresh"
+        return "stale" if stale_faiss_indexes(self.path, info.id, generation or 0) else "missing"
+
+    def _ann(
+        self,
+        queries: np.ndarray,
+        info: ModelInfo,
+        k: int,
+        filters: dict[str, Any],
+        generation: int | None,
+        nprobe: int | None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        faiss = _import_faiss()
+        state = "missing" if generation is None else None
+        path = faiss_index_path(self.path, info.id, generation or 0)
+        cached = self._faiss.get(info.id)
+        if state is None and cached is not None and cached[0] == path and path.is_file():
+            index = cached[1]
+        elif state is None and path.is_file():
+            index = faiss.read_index(str(path))
+            self._faiss[info.id] = (path, index)
+        else:
+            state = "stale" if stale_faiss_indexes(self.path, info.id, generation or 0) else "missing"
+            raise StoreError(
+                f"the faiss index of {info.describe()} in {self.path.parent} is {state}"
+                + (" (the store changed after it was built)" if state == "stale" else "")
+                + "; it is not used. Rebuild it with store.build_index(model) or search with exact=True."
+            )
+        params = faiss.SearchParametersIVF()
+        params.nprobe = int(nprobe or max(1, index.nlist // 16))
+        if any(v is not None for v in filters.values()):
+            where, sql_params = self._where(info.id, filters)
+            ids = np.fromiter(
+                (r[0] for r in self._db.execute(f"SELECT id FROM items WHERE {where}", sql_params)), np.int64
+            )
+            if len(ids) == 0:
+                return np.empty((len(queries), 0), np.float32), np.empty((len(queries), 0), np.int64)
+            selector = faiss.IDSelectorBatch(ids)
+            params.sel = selector
+        squared, ids = index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
+        distances = np.sqrt(np.maximum(squared, 0)).astype(np.float32)
+        distances[ids < 0] = np.inf
+        if not (ids >= 0).any():
+            return distances[:, :0], ids[:, :0]
+        order = np.lexsort((np.where(ids < 0, np.iinfo(np.int64).max, ids), distances), axis=1)
+        return np.take_along_axis(distances, order, 1), np.take_along_axis(ids, order, 1)
 
     def search(
         self,
@@ -714,11 +1166,15 @@ class EmbeddingStore:
         label: Any = None,
         category: Any = None,
         paths: Any = None,
+        exact: bool = True,
+        nprobe: int | None = None,
     ) -> pd.DataFrame:
-        """Exact Euclidean top-k of query vectors `(Q, D)` among the model's items matching the filters.
+        """Euclidean top-k of query vectors `(Q, D)` among the model's items matching the filters.
 
         Returns one row per hit: `query` (row of query_vectors), `rank` (1 = nearest), `path`, `label`,
-        `category`, `split`, `distance`.
+        `category`, `split`, `distance`. `exact=False` uses the model's faiss index (`build_index`; refused
+        when missing or stale) probing `nprobe` lists (default nlist/16): faster on large stores,
+        may miss hits.
         """
         info = self.model(model)
         queries = _to_numpy(query_vectors)
@@ -727,7 +1183,7 @@ class EmbeddingStore:
         names = [f"query {i}" for i in range(len(queries))]
         queries = _matrix(queries, info, names, what="query vectors")
         filters = {"split": split, "label": label, "category": category, "paths": paths}
-        return self._search(queries, info, k, filters)
+        return self._search(queries, info, k, filters, exact=exact, nprobe=nprobe)
 
     def search_stored(
         self,
@@ -740,6 +1196,8 @@ class EmbeddingStore:
         label: Any = None,
         category: Any = None,
         paths: Any = None,
+        exact: bool = True,
+        nprobe: int | None = None,
     ) -> pd.DataFrame:
         """Search with stored items as queries (by path); the query itself is left out of its results
         unless `exclude_self=False`. Adds the columns `query_path` and `query_label`."""
@@ -750,8 +1208,11 @@ class EmbeddingStore:
         if missing:
             raise StoreError(f"{info.describe()} has no stored item {missing[0]!r} ({len(missing)} missing).")
         query_paths = found["path"].tolist()
+        where, params = self._where(info.id, {"paths": query_paths})
+        id_of = dict(self._db.execute(f"SELECT path, id FROM items WHERE {where}", params).fetchall())
+        exclude = [id_of[p] for p in query_paths] if exclude_self else None
         filters = {"split": split, "label": label, "category": category, "paths": paths}
-        results = self._search(queries, info, k, filters, exclude=query_paths if exclude_self else None)
+        results = self._search(queries, info, k, filters, exclude=exclude, exact=exact, nprobe=nprobe)
         results.insert(1, "query_path", [query_paths[q] for q in results["query"]])
         results.insert(2, "query_label", [found["label"].iloc[q] for q in results["query"]])
         return results
@@ -769,6 +1230,7 @@ class EmbeddingStore:
         label: Any = None,
         category: Any = None,
         paths: Any = None,
+        exact: bool = True,
     ) -> pd.DataFrame:
         """Embed new images (paths or PIL images) with `extractor` and search the model that has the same
         fingerprint (or `model`, which must then have the extractor's fingerprint). Adds `query_path`."""
@@ -799,9 +1261,20 @@ class EmbeddingStore:
             vectors, info, [n or f"image {i}" for i, n in enumerate(names)], what="query vectors"
         )
         filters = {"split": split, "label": label, "category": category, "paths": paths}
-        results = self._search(queries, info, k, filters)
+        results = self._search(queries, info, k, filters, exact=exact)
         results.insert(1, "query_path", [names[q] for q in results["query"]])
         return results
+
+
+def _import_faiss() -> Any:
+    try:
+        import faiss
+    except ImportError:
+        raise StoreError(
+            "approximate search needs faiss: pip install 'labkit[faiss]' (faiss-cpu), "
+            "or search with exact=True."
+        ) from None
+    return faiss
 
 
 # --- image embedding
@@ -920,145 +1393,13 @@ def open_store_for(
         raise
 
 
-def _saved_embeddings_problem(
-    saved: Any, validation: pd.DataFrame, extractor: Any, check_rows: int, device: str
-) -> str:
-    """Why `saved` (a validation_embeddings.pt payload) cannot stand for `extractor`, or "" when it can."""
-    from labkit.data import LabeledImages
-    from labkit.models import embed
-
-    if not isinstance(saved, dict) or not {"embeddings", "paths"} <= set(saved):
-        return "it lacks the keys 'embeddings' and 'paths'"
-    vectors = _to_numpy(saved["embeddings"])
-    if [str(p) for p in saved["paths"]] != validation["path"].astype(str).tolist():
-        return "its rows are not the validation rows of this dataset"
-    if vectors.ndim != 2 or vectors.shape[1] != int(extractor.embedding_size):
-        return (
-            f"its vectors have shape {vectors.shape}, the extractor makes {extractor.embedding_size} values"
-        )
-    rows = validation.iloc[:check_rows]
-    dataset = LabeledImages(rows, extractor.transforms(train=False))
-    fresh = embed(extractor, dataset, device=device, progress=False).numpy()
-    if not np.allclose(fresh, vectors[: len(rows)], rtol=1e-3, atol=1e-4):
-        return "this extractor embeds its first images differently (another model made them)"
-    return ""
+# Run-folder glue and drawing live in labkit.run_store; these names stay importable from here.
+_MOVED = {"fill_from_run", "as_retrieval_results", "draw_search_results", "VALIDATION_EMBEDDINGS"}
 
 
-def fill_from_run(
-    store: EmbeddingStore,
-    extractor: torch.nn.Module,
-    run_dir: str | os.PathLike,
-    dataset_df: pd.DataFrame,
-    *,
-    batch_size: int = 64,
-    device: str = "cpu",
-    check_rows: int = 4,
-) -> dict[str, Any]:
-    """Store the validation images of `dataset_df` for `extractor`.
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        from labkit import run_store
 
-    The vectors come from `run_dir/validation_embeddings.pt` (02_validate) when its rows are this dataset's
-    validation rows and re-embedding its first `check_rows` images with `extractor` gives the same vectors;
-    otherwise they are embedded now with `embed_dataset_cached`. Returns the model id, the `source` and why
-    the file was not used (`note`), with the counts.
-    """
-    import torch
-
-    from labkit.data import validation_dataset
-
-    validation = validation_dataset(dataset_df).df
-    saved_path = Path(run_dir) / VALIDATION_EMBEDDINGS
-    note = f"no {saved_path.name} in the run folder"
-    if saved_path.is_file():
-        saved = torch.load(saved_path, map_location="cpu", weights_only=True)
-        problem = _saved_embeddings_problem(saved, validation, extractor, check_rows, device)
-        if not problem:
-            model_id = _register(store, extractor)
-            counts = store.add(model_id, saved["embeddings"], _with_file_stamps(validation))
-            return {"model_id": model_id, "source": saved_path.name, "note": "", **counts}
-        note = f"{saved_path.name} not used: {problem}"
-    counts = embed_dataset_cached(store, extractor, validation, batch_size=batch_size, device=device)
-    return {**counts, "source": "embedded now", "note": note}
-
-
-def _search_items(results: pd.DataFrame, query_paths: Any, query_labels: Any) -> tuple[list, list]:
-    queries = sorted(results["query"].unique().tolist())
-    if query_paths is None:
-        if "query_path" not in results.columns:
-            raise StoreError(
-                "these results have no query_path column; pass query_paths (one image per query)."
-            )
-        first = results.groupby("query")["query_path"].first()
-        query_paths = [first[q] for q in queries]
-    if query_labels is None and "query_label" in results.columns:
-        first = results.groupby("query")["query_label"].first()
-        query_labels = [first[q] for q in queries]
-    query_labels = [None] * len(queries) if query_labels is None else list(query_labels)
-    if len(query_paths) != len(queries) or len(query_labels) != len(queries):
-        raise StoreError(f"the results hold {len(queries)} queries; give one query path and label for each.")
-    for q, path in zip(queries, query_paths, strict=True):
-        if _python_value(path) is None:
-            raise StoreError(f"query {q} has no image path (a PIL image or a vector); pass query_paths.")
-    return list(zip(query_paths, query_labels, strict=True)), queries
-
-
-def as_retrieval_results(
-    results: pd.DataFrame, *, query_paths: Sequence[str] | None = None, query_labels: Sequence | None = None
-) -> tuple[Any, pd.DataFrame]:
-    """Search results as a `labkit.retrieval.RetrievalResults` over items (queries first, then every hit)
-    for the labkit.viz retrieval figures. Relevance = same label as the query (never for an unknown label).
-    """
-    import torch
-
-    from labkit.retrieval import RetrievalResults
-
-    query_items, queries = _search_items(results, query_paths, query_labels)
-    n_queries, width = len(queries), int(results["rank"].max()) if len(results) else 1
-    hit_labels = results["label"].tolist()
-    names = [str(label) if label is not None else "new image" for _, label in query_items]
-    items = pd.DataFrame(
-        {
-            "path": [str(p) for p, _ in query_items] + results["path"].tolist(),
-            "label": names + [str(v) for v in hit_labels],
-        }
-    )
-    keys = [
-        ("label", str(label)) if label is not None else ("unknown", q)
-        for q, (_, label) in enumerate(query_items)
-    ]
-    keys += [("label", str(v)) for v in hit_labels]
-    codes = torch.as_tensor(pd.factorize(pd.Series([repr(k) for k in keys]))[0], dtype=torch.int64)
-    retrieved = torch.full((n_queries, width), -1, dtype=torch.int64)
-    distances = torch.full((n_queries, width), math.inf, dtype=torch.float32)
-    position = {q: i for i, q in enumerate(queries)}
-    rows = torch.as_tensor([position[q] for q in results["query"]], dtype=torch.int64)
-    cols = torch.as_tensor(results["rank"].to_numpy() - 1, dtype=torch.int64)
-    retrieved[rows, cols] = torch.arange(len(results)) + n_queries
-    distances[rows, cols] = torch.tensor(results["distance"].to_numpy(dtype=np.float32))
-    query_ids = torch.arange(n_queries)
-    relevant = (retrieved >= 0) & (codes[retrieved.clamp(min=0)] == codes[query_ids][:, None])
-    return (
-        RetrievalResults(distances, retrieved, query_ids, relevant, relevant.sum(dim=1), codes),
-        items,
-    )
-
-
-def draw_search_results(
-    results: pd.DataFrame,
-    *,
-    query_paths: Sequence[str] | None = None,
-    query_labels: Sequence | None = None,
-    k: int | None = None,
-    title: str | None = None,
-) -> Any:
-    """A labkit.viz grid of search results: each query (blue) and its hits, green when they share its label.
-
-    Query paths and labels come from the results' `query_path` / `query_label` columns unless given.
-    """
-    from labkit import viz
-
-    retrieval, items = as_retrieval_results(results, query_paths=query_paths, query_labels=query_labels)
-    k = int(results["rank"].max()) if k is None else k
-    title = f"Search results: top {k} (green: same label as the query)" if title is None else title
-    return viz.draw_queries(
-        retrieval, list(range(len(retrieval))), items, k=k, labels=items["label"].tolist(), title=title
-    )
+        return getattr(run_store, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from labkit import run_store
 from labkit import store as store_module
 from labkit.store import APPLICATION_ID, EmbeddingStore, NotAStoreError, StoreError
 
@@ -449,7 +450,7 @@ def test_search_images_uses_the_stores_model(tmp_path, figures_df, extractor):
         assert results.loc[results["rank"] == 1, "path"].tolist() == [query, query]
         assert results["distance"].iloc[0] < 1e-3
         query_label = frame["label"].iloc[5]
-        figure = store_module.draw_search_results(results.iloc[:3], query_labels=[query_label])
+        figure = run_store.draw_search_results(results.iloc[:3], query_labels=[query_label])
         marks = ["\u2713" if label == query_label else "\u2717" for label in results["label"].iloc[:3]]
         titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
         assert titles == ["query 0"] + [f"#{rank} {mark}" for rank, mark in enumerate(marks, 1)]
@@ -487,7 +488,7 @@ def test_run_store_uses_saved_embeddings_and_refuses_another_model(tmp_path, fig
     seen.clear()
     db, model_id = store_module.open_store_for(tmp_path / "store.sqlite", extractor)
     with db:
-        filled = store_module.fill_from_run(db, extractor, tmp_path, df, check_rows=2)
+        filled = run_store.fill_from_run(db, extractor, tmp_path, df, check_rows=2)
         assert filled == {
             "model_id": model_id,
             "source": "validation_embeddings.pt",
@@ -506,7 +507,7 @@ def test_run_store_uses_saved_embeddings_and_refuses_another_model(tmp_path, fig
     db, other_id = store_module.open_store_for(tmp_path / "store.sqlite", other, overwrite=True)
     with db:
         assert other_id != model_id and [m.id for m in db.models()] == [other_id]
-        filled = store_module.fill_from_run(db, other, tmp_path, df, check_rows=2)
+        filled = run_store.fill_from_run(db, other, tmp_path, df, check_rows=2)
         assert (filled["source"], filled["embedded"], filled["skipped"]) == (
             "embedded now",
             len(validation),
@@ -521,7 +522,8 @@ def test_search_results_as_retrieval_results_and_figure(store):
     vectors, items = _items(20)
     store.add(model_id, vectors, items)
     results = store.search_stored([items["path"][0], items["path"][6]], model=model_id, k=3)
-    retrieval, shown = store_module.as_retrieval_results(results)
+    retrieval, shown = run_store.as_retrieval_results(results)
+    assert store_module.as_retrieval_results is run_store.as_retrieval_results  # the old name still works
     assert retrieval.query_ids.tolist() == [0, 1]
     assert shown["path"].tolist()[:2] == [items["path"][0], items["path"][6]]
     assert shown["path"].tolist()[2:] == results["path"].tolist()
@@ -532,7 +534,388 @@ def test_search_results_as_retrieval_results_and_figure(store):
     # a query of unknown label is relevant to nothing; vectors have no image unless paths are given
     by_vector = store.search(vectors[:1] + 0.01, model=model_id, k=2)
     with pytest.raises(StoreError, match="no query_path column"):
-        store_module.as_retrieval_results(by_vector)
-    retrieval, shown = store_module.as_retrieval_results(by_vector, query_paths=["/q.png"])
+        run_store.as_retrieval_results(by_vector)
+    retrieval, shown = run_store.as_retrieval_results(by_vector, query_paths=["/q.png"])
     assert not retrieval.relevant.any() and shown["label"][0] == "new image"
     assert retrieval.labels[0] not in retrieval.labels[1:]
+
+
+# --- concurrency, read-only places, damaged files (issue 14)
+def _create_and_fill(path, barrier, seed, queue) -> None:
+    try:
+        barrier.wait(timeout=30)
+        with EmbeddingStore(path) as s:
+            model_id = s.register_model("m", "fp-1", DIM)
+            vectors, items = _items(5, prefix=f"p{seed}", seed=seed)
+            s.add(model_id, vectors, items)
+        queue.put((seed, "ok"))
+    except BaseException as error:  # reported to the parent, which fails the test
+        queue.put((seed, f"{type(error).__name__}: {error}"))
+
+
+def test_two_processes_creating_the_same_store_both_succeed_and_nothing_is_lost(tmp_path):
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for trial in range(24):
+        path = tmp_path / f"race_{trial}.sqlite"
+        barrier, queue = context.Barrier(2), context.Queue()
+        workers = [context.Process(target=_create_and_fill, args=(path, barrier, s, queue)) for s in (1, 2)]
+        for worker in workers:
+            worker.start()
+        outcomes = dict(queue.get(timeout=60) for _ in workers)
+        for worker in workers:
+            worker.join(timeout=60)
+        assert outcomes == {1: "ok", 2: "ok"}, f"trial {trial}: {outcomes}"
+        with EmbeddingStore(path, create=False, read_only=True) as s:
+            (model,) = s.models()
+            _, meta = s.load(model.id)
+            assert sorted(meta["path"].str[6:8]) == ["p1"] * 5 + ["p2"] * 5, f"trial {trial}"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".creating")]  # no private file left
+
+
+def _run_unprivileged(function, *args):
+    """`function(*args)` as an unprivileged user (root ignores file modes): in a forked child that drops to
+    uid/gid 65534 when this runs as root, in this process otherwise. Returns its result or re-raises."""
+    if os.geteuid() != 0:
+        return function(*args)
+    import multiprocessing
+
+    def child(queue):
+        os.setgid(65534)
+        os.setuid(65534)
+        try:
+            queue.put(("ok", function(*args)))
+        except BaseException as error:
+            queue.put(("error", (type(error).__name__, str(error))))
+
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    process = context.Process(target=child, args=(queue,))
+    process.start()
+    kind, value = queue.get(timeout=60)
+    process.join(timeout=60)
+    if kind == "error":
+        raise {"StoreError": StoreError, "NotAStoreError": NotAStoreError}.get(value[0], RuntimeError)(
+            f"{value[0]}: {value[1]}"
+        )
+    return value
+
+
+@pytest.fixture
+def read_only_folder():
+    """A folder an unprivileged user can read but not write (outside pytest's root-only tmp folders)."""
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="labkit-ro-")
+    os.chmod(folder, 0o755)
+    yield __import__("pathlib").Path(folder)
+    os.chmod(folder, 0o755)
+    shutil.rmtree(folder)
+
+
+def _search_paths(path, query):
+    with EmbeddingStore(path, create=False, read_only=True) as s:
+        return s.immutable, s.search(query, model=1, k=3)["path"].tolist()
+
+
+def _open_writable(path):
+    EmbeddingStore(path).close()
+
+
+def test_store_in_a_read_only_folder_opens_read_only_and_refuses_plainly_otherwise(read_only_folder):
+    path = read_only_folder / "store.sqlite"
+    vectors, items = _items(30)
+    with EmbeddingStore(path) as s:
+        s.add(s.register_model("m", "fp-1", DIM), vectors, items)
+        expected = s.search(vectors[4], model=1, k=3)["path"].tolist()
+    os.chmod(path, 0o444)
+    os.chmod(read_only_folder, 0o555)
+    before = sorted(p.name for p in read_only_folder.iterdir())
+    assert _run_unprivileged(_search_paths, path, vectors[4]) == (True, expected)
+    assert sorted(p.name for p in read_only_folder.iterdir()) == before  # no -shm, -wal made
+    with pytest.raises(StoreError, match=r"store.sqlite cannot be opened for writing.*read_only=True"):
+        _run_unprivileged(_open_writable, path)
+    with pytest.raises(
+        StoreError, match=r"cannot create a store at .*new.sqlite: the folder .* is not writable"
+    ):
+        _run_unprivileged(_open_writable, read_only_folder / "new.sqlite")
+    assert sorted(p.name for p in read_only_folder.iterdir()) == before
+
+
+def test_read_only_folder_with_uncheckpointed_wal_is_refused_not_read_stale(tmp_path, read_only_folder):
+    path = tmp_path / "store.sqlite"
+    vectors, items = _items(10)
+    with EmbeddingStore(path) as s:
+        s.add(s.register_model("m", "fp-1", DIM), vectors, items)
+        s.add(1, vectors[:2] + 1, items.iloc[:2])  # still in the -wal file while this connection is open
+        for suffix in ("", "-wal"):
+            shutil.copyfile(f"{path}{suffix}", read_only_folder / f"store.sqlite{suffix}")
+    assert (read_only_folder / "store.sqlite-wal").stat().st_size > 0
+    os.chmod(read_only_folder, 0o555)
+    with pytest.raises(StoreError, match=r"store.sqlite-wal holds changes not yet written"):
+        _run_unprivileged(_search_paths, read_only_folder / "store.sqlite", vectors[0])
+
+
+def test_damaged_meta_or_missing_table_is_named(tmp_path):
+    path = tmp_path / "store.sqlite"
+    EmbeddingStore(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE meta SET value = 'one' WHERE key = 'schema_version'")
+    with pytest.raises(NotAStoreError, match=r"store.sqlite has an invalid schema_version 'one'"):
+        EmbeddingStore(path)
+    path = tmp_path / "store2.sqlite"
+    EmbeddingStore(path).close()
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP TABLE items")
+    with pytest.raises(StoreError, match=r"store2.sqlite is a labkit store without its table\(s\) items"):
+        EmbeddingStore(path)
+
+
+def test_second_writer_behind_a_long_transaction_gets_a_named_lock_error(tmp_path):
+    path = tmp_path / "store.sqlite"
+    with EmbeddingStore(path) as s:
+        model_id = s.register_model("m", "fp-1", DIM)
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another writer, holding the lock
+    try:
+        with EmbeddingStore(path, timeout=0.2) as s:
+            vectors, items = _items(3)
+            with pytest.raises(store_module.StoreLockedError, match=r"store.sqlite is locked: another conn"):
+                s.add(model_id, vectors, items)
+            assert len(s.load(model_id)[0]) == 0  # readers are not blocked
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+
+# --- sidecar, faiss index (issue 15)
+def _reference_search(store, model_id, queries, k, **filters):
+    """The search before the sidecar: retrieval.knn over `load`, rows in load order."""
+    from labkit.retrieval import knn
+
+    gallery, meta = store.load(model_id, **filters)
+    distances, rows = knn(queries, gallery, min(k, len(gallery)))
+    return meta["path"].to_numpy()[rows.numpy()].ravel().tolist(), distances.numpy().ravel()
+
+
+def _clustered(n, dim, seed=0, n_classes=20):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_classes, dim)).astype(np.float32) * 3
+    labels = rng.integers(0, n_classes, n)
+    return (centres[labels] + rng.standard_normal((n, dim)).astype(np.float32)).astype(np.float32), labels
+
+
+@pytest.mark.parametrize("where", ["resident", "windows", "database"])
+def test_exact_search_is_identical_to_the_search_before_the_sidecar(tmp_path, monkeypatch, where):
+    from labkit import store_files
+
+    path = tmp_path / "store.sqlite"
+    vectors, items = _items(500)
+    vectors[[10, 20, 30, 40]] = vectors[5]  # exact ties: broken by insertion order
+    with EmbeddingStore(path) as s:
+        model_id = s.register_model("m", "fp-1", DIM)
+        s.add(model_id, vectors[:300], items.iloc[:300])
+        s.add(model_id, vectors[300:], items.iloc[300:])
+        s.delete_items(model_id, paths=items["path"].iloc[100:120].tolist())
+        s.add(model_id, vectors[:50] * 0.5, items.iloc[:50])  # updates in place
+        queries = np.concatenate([vectors[[5, 7]], np.random.default_rng(3).standard_normal((6, DIM))])
+        queries = queries.astype(np.float32)
+        expected = [(f, _reference_search(s, model_id, queries, 7, **f)) for f in ({}, {"split": "train"})]
+    if where == "windows":
+        monkeypatch.setattr(store_files, "WINDOW_BYTES", 37 * DIM * 4)  # 37 rows a window
+    options = {"resident_bytes": 0} if where != "resident" else {}
+    if where == "database":  # a read-only store without a fresh sidecar reads the database itself
+        store_files.sidecar_path(path, model_id).unlink(missing_ok=True)
+        options["read_only"] = True
+    with EmbeddingStore(path, **options) as s:
+        for f, (paths, distances) in expected:
+            results = s.search(queries, model=model_id, k=7, **f)
+            assert results["path"].tolist() == paths
+            # float64 sums here, float32 in torch before: the same values up to one float32 rounding
+            np.testing.assert_allclose(results["distance"].to_numpy(), distances, rtol=3e-7, atol=0)
+        assert results["rank"].tolist() == list(range(1, 8)) * len(queries)
+        tied = s.search(vectors[5], model=model_id, k=5)["path"].tolist()
+        assert tied == items["path"].iloc[[5, 10, 20, 30, 40]].tolist()
+        assert s.sidecar_state(model_id) == ("missing" if where == "database" else "fresh")
+
+
+def test_stale_or_damaged_sidecar_is_detected_and_never_used(tmp_path):
+    from labkit.store_files import sidecar_path
+
+    path = tmp_path / "store.sqlite"
+    vectors, items = _items(60)
+    with EmbeddingStore(path) as s:
+        model_id = s.register_model("m", "fp-1", DIM)
+        s.add(model_id, vectors, items)
+        sidecar = sidecar_path(path, model_id)
+        assert s.sidecar_state(model_id) == "missing"
+        s.search(vectors[0], model=model_id)
+        assert s.sidecar_state(model_id) == "fresh"
+        old_sidecar = sidecar.read_bytes()
+        # another connection moves item 0 far away: same count, same ids, other vectors
+        with EmbeddingStore(path) as other:
+            other.add(model_id, vectors[:1] + 50, items.iloc[:1])
+        assert s.sidecar_state(model_id) == "stale"
+        hits = s.search(vectors[0], model=model_id, k=1)  # this store had the old sidecar mapped
+        assert hits["path"][0] != items["path"][0]
+        assert s.sidecar_state(model_id) == "fresh"  # rebuilt
+        sidecar.write_bytes(old_sidecar)  # an old copy put back: refused, rebuilt
+        assert s.sidecar_state(model_id) == "stale"
+        assert s.search(vectors[0] + 50, model=model_id, k=1)["path"][0] == items["path"][0]
+        assert s.sidecar_state(model_id) == "fresh"
+        sidecar.write_bytes(sidecar.read_bytes()[:5000])  # truncated
+    with EmbeddingStore(path, read_only=True) as s:
+        assert s.sidecar_state(model_id) == "missing"  # unreadable counts as missing
+        assert s.search(vectors[0] + 50, model=model_id, k=1)["path"][0] == items["path"][0]
+        assert sidecar.stat().st_size == 5000  # a read-only store does not write
+    sidecar.write_bytes(old_sidecar)
+    with EmbeddingStore(path, read_only=True) as s:
+        assert s.sidecar_state(model_id) == "stale"
+        assert s.search(vectors[0] + 50, model=model_id, k=1)["path"][0] == items["path"][0]
+    with EmbeddingStore(path) as s:
+        s.delete_model(model_id)
+    assert not sidecar.exists()
+
+
+def _killed_child(path, stage, ready):
+    """Adds 3000 rows to the store at `path` and stops (for SIGKILL) after 1500 rows handed to SQLite
+    ("insert") or half-way through writing the sidecar after a committed insert ("sidecar")."""
+    import time
+
+    s = EmbeddingStore(path)
+    vectors, items = _items(3000, prefix="new", seed=9)
+    if stage == "insert":
+        original = EmbeddingStore._rows
+
+        def rows(model_id, frame, matrix):
+            for i, row in enumerate(original(model_id, frame, matrix)):
+                if i == 1500:
+                    ready.set()
+                    time.sleep(60)
+                yield row
+
+        s._rows = rows
+        s.add(1, vectors, items)
+    else:
+        s.add(1, vectors, items)
+        original = store_module.write_vector_file
+
+        def write(path, header, n, dim, chunks):
+            def slow():
+                for i, chunk in enumerate(chunks):
+                    if i == 1:
+                        ready.set()
+                        time.sleep(60)
+                    yield chunk
+
+            original(path, header, n, dim, slow())
+
+        store_module.write_vector_file = write
+        s.search(vectors[0], model=1)
+
+
+@pytest.mark.parametrize("stage", ["insert", "sidecar"])
+def test_kill_9_during_an_insert_or_a_sidecar_write_leaves_both_consistent(tmp_path, stage):
+    import multiprocessing
+    import signal
+
+    path = tmp_path / "store.sqlite"
+    vectors, items = _items(10000)  # > 8192 rows: the sidecar is written in two chunks
+    with EmbeddingStore(path) as s:
+        s.add(s.register_model("m", "fp-1", DIM), vectors, items)
+        s.search(vectors[0], model=1)
+    before = _snapshot(path)
+    context = multiprocessing.get_context("fork")
+    ready = context.Event()
+    child = context.Process(target=_killed_child, args=(path, stage, ready))
+    child.start()
+    assert ready.wait(60)
+    os.kill(child.pid, signal.SIGKILL)
+    child.join()
+    with EmbeddingStore(path, read_only=True) as s:
+        if stage == "insert":
+            assert _snapshot(path) == before  # the transaction never happened
+            assert s.sidecar_state(1) == "fresh"  # and the sidecar still matches it
+        else:
+            assert len(s) == 13000  # the insert committed; the sidecar was not replaced half-written
+            assert s.sidecar_state(1) == "stale"
+            assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # the dead writer's file
+        gallery, meta = s.load(1)
+        queries = gallery[[3, 10500 % len(gallery)]] + 0.01
+        expected = _reference_search(s, 1, queries, 5)[0]
+        assert s.search(queries, model=1, k=5)["path"].tolist() == expected
+    with EmbeddingStore(path) as s:
+        assert s.search(queries, model=1, k=5)["path"].tolist() == expected
+        assert s.sidecar_state(1) == "fresh"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # removed by the rebuild
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_faiss_index_same_schema_as_exact_refused_when_stale_or_missing(tmp_path):
+    pytest.importorskip("faiss")
+    path = tmp_path / "store.sqlite"
+    vectors, labels = _clustered(3000, 16)
+    items = pd.DataFrame(
+        {"path": [f"/d/{i}.png" for i in range(3000)], "label": labels, "split": ["validation"] * 3000}
+    )
+    items.loc[::4, "split"] = "train"
+    with EmbeddingStore(path) as s:
+        model_id = s.register_model("m", "fp-1", 16)
+        s.add(model_id, vectors, items)
+        queries = _clustered(40, 16, seed=1)[0]
+        with pytest.raises(StoreError, match=r"faiss index of model 1 .* is missing.*build_index"):
+            s.search(queries, model=model_id, exact=False)
+        built = s.build_index(model_id, nlist=16)
+        assert built["n"] == 3000 and built["path"].is_file() and s.index_state(model_id) == "fresh"
+        exact = s.search(queries, model=model_id, k=10)
+        approx = s.search(queries, model=model_id, k=10, exact=False, nprobe=4)
+        assert list(approx.columns) == list(exact.columns)
+        assert approx.dtypes.tolist() == exact.dtypes.tolist()
+        assert approx["rank"].tolist() == exact["rank"].tolist() == list(range(1, 11)) * 40
+        recall = np.mean(
+            [
+                len(set(a) & set(e)) / 10
+                for a, e in zip(
+                    approx.groupby("query")["path"].apply(list),
+                    exact.groupby("query")["path"].apply(list),
+                    strict=True,
+                )
+            ]
+        )
+        assert recall >= 0.9
+        everything = s.search(queries, model=model_id, k=10, exact=False, nprobe=16)  # all lists: exact
+        assert everything["path"].tolist() == exact["path"].tolist()
+        np.testing.assert_allclose(everything["distance"], exact["distance"], rtol=1e-5)
+        train = s.search(queries, model=model_id, k=5, exact=False, nprobe=16, split="train")
+        assert (
+            train["path"].tolist() == s.search(queries, model=model_id, k=5, split="train")["path"].tolist()
+        )
+        stored = s.search_stored(["/d/7.png"], model=model_id, k=3, exact=False, nprobe=16)
+        assert "/d/7.png" not in stored["path"].tolist() and len(stored) == 3
+        s.add(model_id, vectors[:1] + 1, items.iloc[:1])
+        assert s.index_state(model_id) == "stale"
+        with pytest.raises(StoreError, match=r"is stale \(the store changed after it was built\)"):
+            s.search(queries, model=model_id, exact=False)
+        s.build_index(model_id, nlist=16)
+        assert s.index_state(model_id) == "fresh"
+        assert len(list(tmp_path.glob("*.faiss"))) == 1  # the stale file was removed
+
+
+def test_schema_1_store_is_read_as_before_and_upgraded_when_opened_writable(tmp_path):
+    path = tmp_path / "store.sqlite"
+    vectors, items = _items(40)
+    with EmbeddingStore(path) as s:
+        s.add(s.register_model("m", "fp-1", DIM), vectors, items)
+    with sqlite3.connect(path) as conn:
+        conn.execute("ALTER TABLE models DROP COLUMN generation")
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+        conn.execute("DELETE FROM meta WHERE key = 'store_id'")
+    with EmbeddingStore(path, read_only=True) as s:
+        expected = _reference_search(s, 1, vectors[:3], 4)[0]
+        assert s.search(vectors[:3], model=1, k=4)["path"].tolist() == expected
+    with EmbeddingStore(path) as s:
+        assert s.meta["schema_version"] == "2" and len(s.meta["store_id"]) == 32
+        assert s.search(vectors[:3], model=1, k=4)["path"].tolist() == expected
+        assert s.sidecar_state(1) == "fresh"
