@@ -340,8 +340,12 @@ def _cell(value: Any) -> Any:
 
 
 def _common_prefix(names: pd.Series) -> str:
+    """The group's runs: one name, or the first name without its seed and how many seeds."""
     names = list(names)
-    return names[0] if len(names) == 1 else f"{names[0]} (+{len(names) - 1})"
+    if len(names) == 1:
+        return names[0]
+    base = re.sub(r"_?seed=[^_/]*", "", names[0]).rstrip("/_") or names[0]
+    return f"{base} ({len(names)} runs)"
 
 
 def format_comparison(table: pd.DataFrame, digits: int = 3) -> str:

@@ -160,6 +160,7 @@ def test_compare_a_sweep_gives_mean_and_spread_over_seeds(tmp_path, notebook):
     assert list(table.columns) == ["runs", "miner", "n_runs", "seeds", "cmc@1", "cmc@1 sd"]
     assert table["miner"].tolist() == ["all", "hard"] and table["n_runs"].tolist() == [3, 3]
     assert table["seeds"].tolist() == ["0 1 2", "0 1 2"]
+    assert table["runs"].tolist() == ["m/miner=all (3 runs)", "m/miner=hard (3 runs)"]
     assert table["cmc@1"].tolist() == pytest.approx([0.11, 0.21])  # 0.1 + mean(0, .01, .02) (+ 0.1)
     assert table["cmc@1 sd"].tolist() == pytest.approx([0.01, 0.01])
     assert "0.110 ± 0.010" in experiments.format_comparison(table)
