@@ -100,8 +100,8 @@ def _checked_tile_px(tile_px: int) -> int:
 
 def _figure_png_at_tile(fig: Any, k: int, tile_px: int) -> tuple[bytes, int]:
     """Render a retrieval grid so that each image is `tile_px` pixels wide; returns (PNG, width px)."""
-    dpi = tile_px / viz.tile_inches(k)
-    return viz.figure_png(fig, dpi=dpi), int(round(fig.get_figwidth() * dpi))
+    png = viz.figure_png(fig, dpi=tile_px / viz.tile_inches(k))
+    return png, int.from_bytes(png[16:20], "big")  # the width field of the PNG header (IHDR)
 
 
 def _show_png(image: Any, png: bytes, width_px: int) -> None:
@@ -117,7 +117,7 @@ def _scroll_box(child: Any) -> Any:
     """A box that scrolls sideways when its child is wider than the output (large k): never shrinks it."""
     import ipywidgets as w
 
-    return w.Box([child], layout=w.Layout(overflow_x="auto", max_width="100%", width="100%"))
+    return w.Box([child], layout=w.Layout(overflow="auto", max_width="100%", width="100%"))
 
 
 class ResultBrowser:
@@ -1192,7 +1192,7 @@ class EmbeddingMap:
             ),
             "item": w.BoundedIntText(min=0, max=len(self.items) - 1, description="item"),
             "k": w.IntSlider(min=1, max=self.max_k, description="k"),
-            "legend": w.HTML(layout=w.Layout(max_height="440px", overflow_y="auto")),
+            "legend": w.HTML(layout=w.Layout(max_height="440px", overflow="auto")),
             "facts": w.HTML(),
             "image": w.Image(format="png"),
         }

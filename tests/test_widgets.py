@@ -180,12 +180,12 @@ def test_widgets_follow_and_drive_the_state(browser):
     assert box is browser.widget  # built once
     ui["order"].value = ("index", None)
     assert browser.order_mode == "index"
-    ui["slider"].value = 5
-    assert browser.current_query == 5
+    ui["slider"].value = 6  # the rank counts from 1, as the dropdown and the title do
+    assert browser.current_query == 5 and browser.rank == 6
     ui["next"].click()
-    assert browser.current_query == 6 and ui["slider"].value == 6 and ui["query"].value == 6
-    ui["category"].value = "red"
-    assert browser.category == "red" and ui["slider"].max == 3 and ui["slider"].value == 0
+    assert browser.current_query == 6 and ui["slider"].value == 7 and ui["query"].value == 6
+    ui["category"].label = "red"
+    assert browser.category == "red" and ui["slider"].max == 4 and ui["slider"].value == 1
     ui["k"].value = 2
     assert browser.k == 2
     browser.set_order("worst", "cmc@1")  # a method call updates the widgets
@@ -212,3 +212,79 @@ def test_display_falls_back_to_a_static_figure_without_a_front_end(browser, monk
     monkeypatch.setenv(widgets.WIDGETS_ENV, "maybe")
     with pytest.raises(ValueError, match="LABKIT_WIDGETS='maybe'"):
         widgets.widget_frontend_available()
+
+
+def test_one_numbering_in_slider_dropdown_and_title(browser):
+    ui = browser._ui if browser._ui else (browser.widget, browser._ui)[1]
+    browser.set_order("index")
+    browser.select(2)
+    assert browser.rank == 3 and ui["slider"].min == 1 and ui["slider"].value == 3
+    assert ui["slider"].max == 8 and ui["query"].label.startswith("3. query 2:")
+    assert "3 of 8" in browser.figure()._suptitle.get_text()
+
+
+def test_category_all_keeps_its_label_after_a_category(browser):
+    """Choosing "all" again must leave the dropdown showing "all", not blank (None means no selection)."""
+    ui = browser._ui if browser._ui else (browser.widget, browser._ui)[1]
+    ui["category"].label = "blue"
+    assert browser.category == "blue"
+    ui["category"].label = widgets.ALL
+    assert browser.category is None and len(browser.order) == 8
+    assert ui["category"].label == widgets.ALL and ui["category"].index == 0
+    browser.set_category("red")
+    browser.set_category(None)  # a method call shows "all" too
+    assert ui["category"].label == widgets.ALL
+
+
+def test_view_keeps_its_pixel_size_for_every_k(browser):
+    """The picture is shown at its own width (tiles of tile_px pixels), never stretched to the output."""
+    import io
+
+    ui = browser._ui if browser._ui else (browser.widget, browser._ui)[1]
+    widths, tiles = {}, {}
+    for k in (1, 4):
+        browser.set_k(k)
+        png = Image.open(io.BytesIO(ui["image"].value))
+        widths[k] = png.width
+        assert ui["image"].width == str(png.width) and ui["image"].layout.width == f"{png.width}px"
+        assert ui["image"].layout.max_width == "none"
+        fig = browser.figure()
+        fig.set_dpi(browser.tile_px / viz.tile_inches(k))
+        query_ax = next(ax for ax in fig.axes if (ax.get_gid() or "").startswith("query:"))
+        fig.canvas.draw()
+        tiles[k] = query_ax.get_window_extent().width
+        assert 0.6 * browser.tile_px <= tiles[k] <= browser.tile_px  # about tile_px, never more
+    assert widths[1] < widths[4] and abs(tiles[1] - tiles[4]) <= 0.1 * tiles[1]  # the view grows with k
+    scroll = browser.widget.children[-1]
+    assert scroll.layout.overflow == "auto" and scroll.children == (ui["image"],)
+    with pytest.raises(ValueError, match="tile_px"):
+        widgets.ResultBrowser(browser.results, browser.items, browser.metrics, tile_px=10)
+
+
+def test_the_title_fits_a_k1_view(browser):
+    browser.set_category("blue")
+    browser.set_k(1)
+    fig = browser.figure()
+    fig.canvas.draw()
+    title = fig._suptitle.get_window_extent()
+    assert title.x0 >= 0 and title.x1 <= fig.bbox.width
+
+
+def test_live_display_carries_a_png_snapshot(browser):
+    import base64
+
+    bundle = browser.mimebundle()
+    assert widgets.WIDGET_VIEW_MIME in bundle
+    assert bundle[widgets.WIDGET_VIEW_MIME]["model_id"] == browser.widget.model_id
+    assert base64.b64decode(bundle["image/png"])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "snapshot" in bundle["text/plain"]
+
+
+def test_class_names_are_shown_where_the_dataset_has_them(results, items, metrics):
+    named = items.assign(class_name=[f"class {label}" for label in LABELS])
+    named.loc[7, "class_name"] = None  # an item without a name keeps its label
+    b = widgets.ResultBrowser(results, named, metrics, order="index")
+    assert b.labels == [f"class {label}" for label in LABELS[:7]] + ["L1"]
+    assert b.metrics_frame()["value"]["label"] == "class 0"
+    query_ax = next(ax for ax in b.figure().axes if ax.get_gid() == "query:0")
+    assert query_ax.get_xlabel().startswith("class 0\n")
