@@ -712,6 +712,10 @@ class SearchPanel:
             self._results = self.db.search_images(
                 [path], self.extractor, model=self.model, k=self._k, device=self.device, **filters
             )
+        if len(self._results) == 0:
+            raise ValueError(
+                f"no stored item but the query itself matches {filters}: widen the filters (None = any)"
+            )
 
     def _changed(self) -> None:
         if self._ui is not None:
