@@ -213,18 +213,28 @@ def draw_query(
     boxes: bool = True,
     metrics: Mapping[str, float] | None = None,
     title: str | None = None,
+    query_title: str | None = None,
 ) -> Figure:
     """One query beside its top-k gallery images, framed green when relevant and red when not.
 
     The query is framed blue; label and distance are written under each image. `labels` overrides the
     displayed labels (one per item, or a mapping from label code to name); `boxes` crops images to the
     x_1..y_2 columns when the DataFrame has them. `metrics` (name -> value of this query) are written under
-    the query.
+    the query; `query_title` replaces the "query <row>" above it (e.g. "item 7").
     """
     per_query = (
         None if metrics is None else {name: {int(query_pos): value} for name, value in metrics.items()}
     )
-    fig = _draw_rows(results, [query_pos], df_or_paths, k=k, labels=labels, boxes=boxes, metrics=per_query)
+    fig = _draw_rows(
+        results,
+        [query_pos],
+        df_or_paths,
+        k=k,
+        labels=labels,
+        boxes=boxes,
+        metrics=per_query,
+        query_titles=None if query_title is None else {int(query_pos): query_title},
+    )
     n = int(_check_positions(results, [query_pos])[0])
     text = title if title is not None else f"Query {n} (item {int(results.query_ids[n])}): top {k}"
     fig.suptitle(wrap_title(text, fig), fontsize=10)
@@ -519,6 +529,7 @@ def _draw_rows(
     labels: Any,
     boxes: bool,
     metrics: Mapping[str, Any] | None,
+    query_titles: Mapping[int, str] | None = None,
 ) -> Figure:
     positions = _check_positions(results, query_positions)
     if not isinstance(k, (int, np.integer)) or k < 1:
@@ -541,7 +552,8 @@ def _draw_rows(
         ax = fig.add_subplot(grid[row, 0])
         ax.imshow(_image(items.iloc[query_item], boxes))
         _frame(ax, QUERY_COLOR)
-        ax.set_title(f"query {pos}", fontsize=9, color=QUERY_COLOR, fontweight="bold")
+        query_title = (query_titles or {}).get(pos, f"query {pos}")
+        ax.set_title(query_title, fontsize=9, color=QUERY_COLOR, fontweight="bold")
         lines = [shorten(names[query_item])]
         for name, values in (metrics or {}).items():
             value = values.get(pos, math.nan) if isinstance(values, Mapping) else float(values[pos])

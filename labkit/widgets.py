@@ -435,8 +435,7 @@ class ResultBrowser:
             [
                 w.HBox([ui["order"], ui["category"], ui["k"]]),
                 w.HBox([ui["previous"], ui["slider"], ui["next"], ui["query"]]),
-                ui["facts"],
-                _scroll_box(ui["image"]),
+                w.HBox([_scroll_box(ui["image"]), ui["facts"]]),
             ]
         )
         return ui
@@ -618,7 +617,7 @@ class SearchPanel:
         title = (
             f"{'stored item' if kind == 'stored' else 'new image'} {os.path.basename(path)}: top {self._k}"
         )
-        fig = viz.draw_queries(retrieval, [0], items, k=self._k, labels=names, title="")
+        fig = viz.draw_query(retrieval, 0, items, k=self._k, labels=names, title="", query_title="query")
         fig.suptitle(viz.wrap_title(title + (f" ({where})" if where else ""), fig), fontsize=10)
         return fig
 
@@ -1088,6 +1087,7 @@ class EmbeddingMap:
             k=self._k,
             labels=self.names,
             title=f"item {self._selected}: its {self._k} nearest",
+            query_title=f"item {self._selected}",
         )
 
     def static_figures(self) -> list[viz.Figure]:
@@ -1253,9 +1253,11 @@ class EmbeddingMap:
                     for i, name in enumerate(names[:40])
                 ) + ("<br>\u2026" if len(names) > 40 else "")
                 self._drawn["points"] = drawn
-            worst = coords[self._worst] if self._highlight and len(self._worst) else np.empty((0, 2))
-            with ui["worst"].hold_sync():
-                ui["worst"].x, ui["worst"].y = worst[:, 0], worst[:, 1]
+            if self._drawn.get("worst") != (self._method, self._highlight):
+                worst = coords[self._worst] if self._highlight and len(self._worst) else np.empty((0, 2))
+                with ui["worst"].hold_sync():
+                    ui["worst"].x, ui["worst"].y = worst[:, 0], worst[:, 1]
+                self._drawn["worst"] = (self._method, self._highlight)
             if self._selected is None:
                 chosen = np.empty((0, 2))
                 ui["image"].value = b""

@@ -356,9 +356,14 @@ def test_panels_render_and_respond_in_chromium(lab_folder, tmp_path):
                     server.api(f"kernels/{kernel['id']}", method="DELETE")
                 page.goto(server.url("lab/workspaces/reopen03/tree/03_worst_queries.ipynb"))
                 page.locator(".jp-Notebook").wait_for()
-                page.locator("img.widget-image").first.wait_for(timeout=60_000)
-                time.sleep(1)
+                reopened = panel(page, "next")
+                reopened.locator("img.widget-image").wait_for(timeout=60_000)
+                page.wait_for_function(
+                    "el => el.complete && el.naturalWidth > 0",
+                    arg=reopened.locator("img.widget-image").element_handle(),
+                )
                 assert page.get_by_text(WIDGET_ERROR).count() == 0
+                reopened.scroll_into_view_if_needed()
                 page.screenshot(path=shots / "03_reopened.png")
 
                 # 05: live search

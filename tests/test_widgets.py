@@ -255,7 +255,7 @@ def test_view_keeps_its_pixel_size_for_every_k(browser):
         tiles[k] = query_ax.get_window_extent().width
         assert 0.6 * browser.tile_px <= tiles[k] <= browser.tile_px  # about tile_px, never more
     assert widths[1] < widths[4] and abs(tiles[1] - tiles[4]) <= 0.1 * tiles[1]  # the view grows with k
-    scroll = browser.widget.children[-1]
+    scroll = browser.widget.children[-1].children[0]  # the picture, with the facts beside it
     assert scroll.layout.overflow == "auto" and scroll.children == (ui["image"],)
     with pytest.raises(ValueError, match="tile_px"):
         widgets.ResultBrowser(browser.results, browser.items, browser.metrics, tile_px=10)
@@ -459,7 +459,8 @@ def test_map_selection_shows_the_nearest_items(embedding_map):
     embedding_map.set_k(3)
     assert embedding_map.neighbours(2)[0].retrieved.tolist() == [[3, 7, 5]]
     fig = embedding_map.selection_figure()
-    assert [ax.get_gid() for ax in fig.axes if ax.get_gid()][0] == "query:0"
+    query_ax = next(ax for ax in fig.axes if ax.get_gid() == "query:0")
+    assert query_ax.get_title() == "item 0" and fig._suptitle.get_text() == "item 0: its 3 nearest"
     assert embedding_map.select_nearest(9.0, 0.2) == 5 and embedding_map.selected == 5
     with pytest.raises(IndexError, match="outside the 8 items"):
         embedding_map.select(8)
