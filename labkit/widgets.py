@@ -100,7 +100,7 @@ def _checked_tile_px(tile_px: int) -> int:
 
 def _figure_png_at_tile(fig: Any, k: int, tile_px: int) -> tuple[bytes, int]:
     """Render a retrieval grid so that each image is `tile_px` pixels wide; returns (PNG, width px)."""
-    png = viz.figure_png(fig, dpi=tile_px / viz.tile_inches(k))
+    png = viz.figure_png(fig, dpi=tile_px / viz.tile_inches(k), compress_level=1)
     return png, int.from_bytes(png[16:20], "big")  # the width field of the PNG header (IHDR)
 
 
@@ -454,10 +454,12 @@ class ResultBrowser:
             ui["k"].value = self._k
             ui["slider"].max = max(len(self._order), 1)
             ui["slider"].value = self.rank
-            shown = range(min(len(self._order), _DROPDOWN_MAX))
-            options = [(self._query_option(i), i) for i in shown]
-            if ui["query"].options != tuple(options):
-                ui["query"].options = options
+            key = (self._mode, self._metric, self._category, self._seed)
+            if ui.get("options_key") != key:  # the options change with the order only, not with a step
+                shown = range(min(len(self._order), _DROPDOWN_MAX))
+                ui["query"].options = [(self._query_option(i), i) for i in shown]
+                ui["options_key"] = key
+            options = ui["query"].options
             ui["query"].value = self._index if self._index < len(options) else None
             _show_png(ui["image"], *self._png())
             ui["facts"].value = self.metrics_frame().to_html(header=False, escape=True)
