@@ -1,9 +1,15 @@
-"""An ipywidgets browser over retrieval results that also works without any widget front end.
+"""Interactive panels (ipywidgets) that also work without any widget front end.
 
-`ResultBrowser` keeps its state (order, category filter, k, selected query) in plain Python and changes it
-only through methods (`set_order`, `set_category`, `set_k`, `select`, `select_query`, `next`, `previous`),
-so scripts and tests drive it exactly as the widgets do. `display()` shows live widgets when a widget front
-end is attached and otherwise draws the current view as a static figure.
+- `ResultBrowser`: the queries of a RetrievalResults beside their top-k (order, category filter, k, query);
+- `SearchPanel`: live search in an embedding store (stored item, uploaded image or path; filters; k);
+- `EmbeddingMap`: a 2D map of the embeddings (bqplot scatter; PCA, t-SNE, UMAP) to click through.
+
+Each keeps its state in plain Python and changes it only through methods (e.g. `set_order`, `set_k`,
+`select`, `next`), so scripts and tests drive it exactly as the widgets do; the widgets only call those
+methods and show the result. Positions shown to people count from 1 (rank slider, dropdown, titles).
+`display()` shows live widgets when a widget front end is attached, with a PNG snapshot of the view in the
+same output for viewers without live widgets, and otherwise draws the current view as static figure(s).
+Pictures go to the browser at their own pixel size (`tile_px` per image), in a box that scrolls sideways.
 
 How the front end is detected (`widget_frontend_available`), first rule that applies wins:
 
@@ -126,7 +132,8 @@ class ResultBrowser:
     `df` holds the items in embedding order (see `labkit.viz`); `metrics_per_query` maps metric names to
     per-query values aligned with the results rows (NaN for skipped queries), e.g. `{"map@5": tensor}`.
     `categories` gives one category per item (default: the DataFrame's `category` column, if any).
-    `k` (capped at the k the results were retrieved with) is the number of gallery images shown.
+    `k` (capped at the k the results were retrieved with) is the number of gallery images shown; `tile_px`
+    (about the pixels per image) sets the picture's size, which grows with k and is never stretched.
 
     Order modes: "worst" (by `metric`, lowest first; NaN last; ties by position), "index" (results order),
     "random" (a permutation seeded by `seed`). Every state change resets the view to the first query of the
