@@ -1190,6 +1190,7 @@ class EmbeddingMap:
             min_aspect_ratio=0.5,
         )
         ui: dict[str, Any] = {
+            "scales": (xs, ys),
             "points": points,
             "worst": worst,
             "chosen": chosen,
@@ -1252,6 +1253,13 @@ class EmbeddingMap:
             if self._drawn.get("points") != drawn:  # only redraw the points when they change
                 index = {name: i for i, name in enumerate(names)}
                 palette = _palette(len(names))
+                for scale, values in zip(
+                    ui["scales"], coords.T, strict=True
+                ):  # fixed: a selection never rescales
+                    low, high = float(values.min()), float(values.max())
+                    pad = 0.04 * (high - low or 1.0)
+                    with scale.hold_sync():
+                        scale.min, scale.max = low - pad, high + pad
                 with ui["points"].hold_sync():
                     ui["points"].x, ui["points"].y = coords[:, 0], coords[:, 1]
                     ui["colors"].domain = list(range(len(names)))

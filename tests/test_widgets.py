@@ -490,8 +490,12 @@ def test_map_widgets_click_selects(embedding_map):
     ui = embedding_map._ui
     assert box is embedding_map.widget
     np.testing.assert_allclose(ui["points"].x, embedding_map.coords[:, 0])
+    xs = ui["scales"][0]
+    bounds = (xs.min, xs.max)
+    assert xs.min < embedding_map.coords[:, 0].min() and xs.max > embedding_map.coords[:, 0].max()
     ui["points"]._handle_custom_msgs(None, {"event": "element_click", "data": {"index": 3}})
     assert embedding_map.selected == 3 and ui["item"].value == 3
+    assert (xs.min, xs.max) == bounds  # a selection does not rescale the map
     assert ui["chosen"].x.tolist() == [embedding_map.coords[3, 0]]
     worst = embedding_map.worst_items
     ui["worst"]._handle_custom_msgs(None, {"event": "element_click", "data": {"index": 1}})
