@@ -351,10 +351,13 @@ def test_panels_render_and_respond_in_chromium(lab_folder, tmp_path):
                 map_panel = panel(page, "colour by")
                 assert map_panel.count() == 1 and map_panel.locator("svg .dot").count() > 0
                 map_image = map_panel.locator("img.widget-image")
-                dot = map_panel.locator("svg .dot").nth(7)
-                ms, before, after = timed_picture_change(page, map_image, lambda: dot.dispatch_event("click"))
-                latencies["embedding map: click a point"] = ms
-                assert before != after
+                for n, dot_index in enumerate((7, 11), start=1):  # the first click also warms caches
+                    dot = map_panel.locator("svg .dot").nth(dot_index)
+                    ms, before, after = timed_picture_change(
+                        page, map_image, lambda d=dot: d.dispatch_event("click")
+                    )
+                    latencies[f"embedding map: click a point ({n})"] = ms
+                    assert before != after
                 map_panel.screenshot(path=shots / "03_embedding_map.png")
                 page.screenshot(path=shots / "03_page.png")
 
