@@ -20,7 +20,7 @@ from typing import Any
 import lightning as L
 import pandas as pd
 import torch
-from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, Checkpoint, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -542,6 +542,25 @@ def _prepare_checkpoints(checkpoints: Path, *, resuming: bool, overwrite: bool) 
     checkpoints.mkdir(parents=True, exist_ok=True)
 
 
+class EpochFromOneProgressBar(TQDMProgressBar):
+    """Lightning's progress bar numbering epochs 1..N as the history does, without the logger's `v_num`."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        from lightning.pytorch.callbacks.progress.tqdm_progress import convert_inf
+
+        if self._leave:  # Lightning's own steps, with the description counting from 1
+            self.train_progress_bar = self.init_train_tqdm()
+        self.train_progress_bar.reset()
+        self.train_progress_bar.total = convert_inf(self.total_train_batches)
+        self.train_progress_bar.initial = 0
+        self.train_progress_bar.set_description(f"Epoch {trainer.current_epoch + 1}/{trainer.max_epochs}")
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        metrics.pop("v_num", None)
+        return metrics
+
+
 def train(
     df: pd.DataFrame,
     *,
@@ -670,7 +689,12 @@ def train(
             strategy=strategy,
             max_epochs=epochs,
             max_steps=-1 if max_steps is None or max_steps < 0 else int(max_steps),
-            callbacks=[validation, checkpointing, LastCheckpoint(checkpoints, validation)],
+            callbacks=[
+                validation,
+                checkpointing,
+                LastCheckpoint(checkpoints, validation),
+                *([EpochFromOneProgressBar()] if progress else []),
+            ],
             logger=[
                 CSVLogger(run_dir / LOGS_DIR, name="csv"),
                 TensorBoardLogger(run_dir / LOGS_DIR, name="tensorboard", default_hp_metric=False),

@@ -15,6 +15,7 @@ import io
 import math
 import os
 import re
+import textwrap
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
@@ -37,6 +38,7 @@ NEGATIVE_COLOR = "#d7191c"
 FRAME_WIDTH = 4.0
 CHECK, CROSS = "\u2713", "\u2717"  # marks beside the rank, for readers who do not tell red from green
 LABEL_CHARS = 16  # longer labels are shortened with an ellipsis so that neighbours never overlap at k=10
+TILE_INCHES = 1.5  # width per image column of the retrieval grids (before margins)
 METRIC_COLUMN = re.compile(r"^(cmc|precision|map|pcf|fnmr@fmr)@")
 _BOX = ("x_1", "y_1", "x_2", "y_2")  # labkit.data.BOX
 
@@ -48,10 +50,20 @@ class Figure(matplotlib.figure.Figure):
         return figure_png(self)
 
 
-def figure_png(fig: matplotlib.figure.Figure, *, dpi: int = 100, tight: bool = False) -> bytes:
-    """The figure rendered as PNG bytes (Agg); `tight` crops its margins (at the cost of a second pass)."""
+def figure_png(
+    fig: matplotlib.figure.Figure, *, dpi: float = 100, tight: bool = False, compress_level: int = 6
+) -> bytes:
+    """The figure rendered as PNG bytes (Agg); `tight` crops its margins (at the cost of a second pass);
+    `compress_level` 0-9 trades size for speed (1: about a third faster to encode, for live widgets)."""
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight" if tight else None, facecolor="white")
+    fig.savefig(
+        buffer,
+        format="png",
+        dpi=dpi,
+        bbox_inches="tight" if tight else None,
+        facecolor="white",
+        pil_kwargs={"compress_level": compress_level},
+    )
     return buffer.getvalue()
 
 
@@ -211,21 +223,44 @@ def draw_query(
     boxes: bool = True,
     metrics: Mapping[str, float] | None = None,
     title: str | None = None,
+    query_title: str | None = None,
 ) -> Figure:
     """One query beside its top-k gallery images, framed green when relevant and red when not.
 
     The query is framed blue; label and distance are written under each image. `labels` overrides the
     displayed labels (one per item, or a mapping from label code to name); `boxes` crops images to the
     x_1..y_2 columns when the DataFrame has them. `metrics` (name -> value of this query) are written under
-    the query.
+    the query; `query_title` replaces the "query <row>" above it (e.g. "item 7").
     """
     per_query = (
         None if metrics is None else {name: {int(query_pos): value} for name, value in metrics.items()}
     )
-    fig = _draw_rows(results, [query_pos], df_or_paths, k=k, labels=labels, boxes=boxes, metrics=per_query)
+    fig = _draw_rows(
+        results,
+        [query_pos],
+        df_or_paths,
+        k=k,
+        labels=labels,
+        boxes=boxes,
+        metrics=per_query,
+        query_titles=None if query_title is None else {int(query_pos): query_title},
+    )
     n = int(_check_positions(results, [query_pos])[0])
-    fig.suptitle(title if title is not None else f"Query {n} (item {int(results.query_ids[n])}): top {k}")
+    text = title if title is not None else f"Query {n} (item {int(results.query_ids[n])}): top {k}"
+    fig.suptitle(wrap_title(text, fig), fontsize=10)
     return fig
+
+
+def wrap_title(text: str, fig: matplotlib.figure.Figure, fontsize: float = 10) -> str:
+    """`text` broken into lines that fit the figure's width at `fontsize` (a narrow k=1 grid clips none)."""
+    chars_per_line = max(int(fig.get_figwidth() * 72 / (0.6 * fontsize)), 12)
+    return "\n".join(textwrap.wrap(text, chars_per_line, break_long_words=False)) or text
+
+
+def tile_inches(k: int) -> float:
+    """Side in inches of one image of a retrieval grid with `k` gallery columns (see `_draw_rows`)."""
+    width = TILE_INCHES * (k + 1) + 0.5
+    return (width - 0.35) / (k + 1.12)
 
 
 def draw_queries(
@@ -475,10 +510,18 @@ def items_frame(df_or_paths: pd.DataFrame | Sequence[str], n_items: int) -> pd.D
 def display_labels(
     items: pd.DataFrame, results: Any, labels: Sequence[Any] | Mapping[Any, Any] | None = None
 ) -> list[str]:
-    """One display label per item: `labels` (per item, or code -> name), else the 'label' column or codes."""
+    """One display label per item: `labels` (per item, or code -> name), else the class name (the
+    'class_name' column, where it has a value), else the 'label' column, else the label codes."""
     codes = results.labels.tolist()
     if labels is None:
-        return [str(v) for v in (items["label"].tolist() if "label" in items.columns else codes)]
+        shown = [str(v) for v in (items["label"].tolist() if "label" in items.columns else codes)]
+        if "class_name" in items.columns:
+            names = items["class_name"].tolist()
+            shown = [
+                s if n is None or pd.isna(n) or str(n) == "" else str(n)
+                for s, n in zip(shown, names, strict=True)
+            ]
+        return shown
     if isinstance(labels, Mapping):
         return [str(labels.get(c, c)) for c in codes]
     labels = list(labels)
@@ -496,6 +539,7 @@ def _draw_rows(
     labels: Any,
     boxes: bool,
     metrics: Mapping[str, Any] | None,
+    query_titles: Mapping[int, str] | None = None,
 ) -> Figure:
     positions = _check_positions(results, query_positions)
     if not isinstance(k, (int, np.integer)) or k < 1:
@@ -504,8 +548,8 @@ def _draw_rows(
     items = items_frame(df_or_paths, int(results.labels.numel()))
     names = display_labels(items, results, labels)
     metric_lines = len(metrics) if metrics else 0
-    width = 1.5 * (k + 1) + 0.5
-    image_side = (width - 0.35) / (k + 1.12)  # the width ratios below, less the margins
+    width = TILE_INCHES * (k + 1) + 0.5
+    image_side = tile_inches(k)  # the width ratios below, less the margins
     caption_lines = 1 + max(1, metric_lines)  # label, then the distance or the query's metrics
     row_height = image_side + 0.3 + 0.15 * caption_lines + 0.2
     fig = Figure(figsize=(width, row_height * len(positions) + 0.4), layout="constrained")
@@ -518,7 +562,8 @@ def _draw_rows(
         ax = fig.add_subplot(grid[row, 0])
         ax.imshow(_image(items.iloc[query_item], boxes))
         _frame(ax, QUERY_COLOR)
-        ax.set_title(f"query {pos}", fontsize=9, color=QUERY_COLOR, fontweight="bold")
+        query_title = (query_titles or {}).get(pos, f"query {pos}")
+        ax.set_title(query_title, fontsize=9, color=QUERY_COLOR, fontweight="bold")
         lines = [shorten(names[query_item])]
         for name, values in (metrics or {}).items():
             value = values.get(pos, math.nan) if isinstance(values, Mapping) else float(values[pos])
