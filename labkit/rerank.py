@@ -1,14 +1,26 @@
-"""Second-stage retrieval: a pairwise re-ranker trained on hard pairs.
+"""Second-stage retrieval: pairwise re-rankers of each query's first results.
 
+The default (04's `pair_model = "features"`):
+- `FeaturePairModel`: both images through the trained extractor (one shared, frozen backbone); the pair's
+  interactions (cosines of the embedding and of the pooled maps of the last backbone stages, spatial
+  correlation of those maps, the distance) feed a head whose last layer starts at zero. Score = original
+  distance + correction, so the untrained model reproduces the baseline order exactly.
+- `fit_feature_reranker`: encodes the train split once, holds out a share of the train classes
+  (`split_train_classes`), trains the head with a ranking loss inside each fit query's neighbour list
+  (`neighbour_lists`), and keeps the epoch that re-ranks the held-out classes best (epoch 0 = baseline).
+  Only the head trains, on cached features: many epochs cost little.
+
+Kept for comparison (OML's layout):
 - `mine_pairs`: the hardest positive and hardest negative pair of every anchor in a batch (or all pairs).
 - `PairwiseModel`: a timm backbone that sees both images of a pair at once (concatenated along the channel
   axis, or stacked vertically as OML's ConcatSiamese does) and an MLP head giving one logit ("same label").
 - `PairwiseModule` / `train_pairwise`: Lightning training with BCE-with-logits on pairs mined with the
   extractor's embeddings inside balanced batches; `RerankValidation` measures the re-ranked metrics per epoch.
-- `PairwiseReranker`: re-scores each query's top_n results with the pairwise model and returns a new
-  `RetrievalResults`, so metrics and drawings work unchanged.
 
-Query expansion and k-reciprocal re-ranking live in `labkit.query_expansion`.
+`PairwiseReranker(top_n, model)` re-orders each query's first `top_n` results with either model and returns a
+new `RetrievalResults` (the rest keeps its order; distances ascend), so metrics and drawings work unchanged.
+`save_pairwise` / `load_pairwise` store either model. Query expansion and k-reciprocal re-ranking live in
+`labkit.query_expansion`.
 """
 
 from __future__ import annotations
@@ -696,9 +708,11 @@ class FeaturePairModel(nn.Module):
     max-pooled features, and the spatial correlation of the two maps (mean over locations of the best
     matching location's cosine, both ways, and the mean cosine over all location pairs); with
     `elementwise=True` also |a - b| and a * b of the last stage's pooled features; and the distance itself.
-    They are standardised (statistics set by `fit_feature_reranker`) and fed to an MLP whose last layer is
-    zero-initialised: the untrained model scores every pair with its distance, so re-ranking with it
-    reproduces the baseline order exactly. The interactions are symmetric in (a, b).
+    They are standardised (statistics set by `fit_feature_reranker`) and fed to the head: one linear layer
+    (`hidden_dims=()`, the default: a learned weighting of the similarities, which transfers to new classes
+    better than an MLP did on held-out train classes) or an MLP. Its last layer is zero-initialised: the
+    untrained model scores every pair with its distance, so re-ranking with it reproduces the baseline order
+    exactly. The interactions are symmetric in (a, b).
     """
 
     def __init__(
@@ -972,9 +986,11 @@ def fit_feature_reranker(
     a query whose `list_size` (default 2 * top_n) nearest neighbours under the extractor form its list; the
     loss is a pairwise ranking loss inside each list (every same-label neighbour should score below every
     other-label one: softplus of the score gap over the lists' distance spread), plus `hard_pair_weight`
-    times a class-balanced binary cross-entropy on the hardest positive and hardest negative of every query
-    (`mine_pairs`) with a learned threshold. After every epoch the held-out classes' own top_n lists are
-    re-ranked; the weights of the epoch with the best held-out cmc@1 + map@5 are kept (epoch 0, the
+    (default 0: on held-out train classes it made re-ranking worse) times a class-balanced binary
+    cross-entropy on the hardest positive and hardest negative of every query (`mine_pairs`) with a learned
+    threshold. An epoch is one pass over the lists in batches of `lists_per_batch` lists (default: all
+    at once, which keeps the linear head's path smooth). After every epoch the held-out classes' own top_n
+    lists are re-ranked; the weights of the epoch with the best held-out cmc@1 + map@5 are kept (epoch 0, the
     untrained model = the baseline, included; ties go to the earlier epoch). With `val_results` (the
     extractor's validation `RetrievalResults`) and `val_images`, the validation metrics are recorded per
     epoch for the plot only: they never choose anything.
