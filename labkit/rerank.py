@@ -712,7 +712,8 @@ class FeaturePairModel(nn.Module):
     (`hidden_dims=()`, the default: a learned weighting of the similarities, which transfers to new classes
     better than an MLP did on held-out train classes) or an MLP. Its last layer is zero-initialised: the
     untrained model scores every pair with its distance, so re-ranking with it reproduces the baseline order
-    exactly. The interactions are symmetric in (a, b).
+    exactly. `n_heads` heads (one per fold of `fit_feature_reranker`'s cross-fitting) are averaged. The
+    interactions are symmetric in (a, b).
     """
 
     def __init__(
@@ -724,8 +725,11 @@ class FeaturePairModel(nn.Module):
         hidden_dims: Sequence[int] = (),
         dropout: float = 0.0,
         elementwise: bool = False,
+        n_heads: int = 4,
     ) -> None:
         super().__init__()
+        if int(n_heads) < 1:
+            raise ValueError(f"n_heads must be >= 1; got {n_heads}")
         if getattr(extractor, "backbone_name", None) is None:
             raise ValueError(
                 "FeaturePairModel needs a labkit Extractor (labkit.models.load_extractor or "
@@ -744,13 +748,17 @@ class FeaturePairModel(nn.Module):
         self.sizes = [int(np.prod(s)) for s in self.shapes]
         n_inputs = 1 + 2 + 5 * (len(self.shapes) - 1) + (2 * self.shapes[-1][0] if elementwise else 0)
         dims = [n_inputs, *hidden_dims]
-        layers: list[nn.Module] = []
-        for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
-            layers += [nn.Linear(d_in, d_out), nn.ReLU(), nn.Dropout(dropout)]
-        last = nn.Linear(dims[-1], 1)
-        nn.init.zeros_(last.weight)
-        nn.init.zeros_(last.bias)
-        self.head = nn.Sequential(*layers, last)
+
+        def make_head() -> nn.Sequential:
+            layers: list[nn.Module] = []
+            for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
+                layers += [nn.Linear(d_in, d_out), nn.ReLU(), nn.Dropout(dropout)]
+            last = nn.Linear(dims[-1], 1)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+            return nn.Sequential(*layers, last)
+
+        self.heads = nn.ModuleList(make_head() for _ in range(int(n_heads)))
         self.register_buffer("input_mean", torch.zeros(n_inputs))
         self.register_buffer("input_std", torch.ones(n_inputs))
         self.config = {
@@ -759,6 +767,7 @@ class FeaturePairModel(nn.Module):
             "hidden_dims": list(hidden_dims),
             "dropout": dropout,
             "elementwise": self.elementwise,
+            "n_heads": int(n_heads),
         }
 
     @property
@@ -831,13 +840,17 @@ class FeaturePairModel(nn.Module):
             columns += [(a1 - a2).abs(), a1 * a2]
         return torch.cat(columns, dim=1)
 
-    def correction_from_interactions(self, raw: Tensor) -> Tensor:
-        return self.head((raw - self.input_mean) / self.input_std).squeeze(-1)
+    def correction_from_interactions(self, raw: Tensor, head: int | None = None) -> Tensor:
+        """(P,) the correction: the mean of the heads' outputs, or head number `head` alone."""
+        x = (raw - self.input_mean) / self.input_std
+        if head is not None:
+            return self.heads[head](x).squeeze(-1)
+        return torch.stack([h(x).squeeze(-1) for h in self.heads]).mean(dim=0)
 
-    def score(self, encoded1: Tensor, encoded2: Tensor, distances: Tensor) -> Tensor:
-        """(P,) corrected distances of encoded pairs: `distances` + the head's correction."""
+    def score(self, encoded1: Tensor, encoded2: Tensor, distances: Tensor, head: int | None = None) -> Tensor:
+        """(P,) corrected distances of encoded pairs: `distances` + the correction."""
         raw = self.interactions(encoded1, encoded2, distances)
-        return distances.float() + self.correction_from_interactions(raw)
+        return distances.float() + self.correction_from_interactions(raw, head)
 
     def forward(self, images1: Tensor, images2: Tensor, distances: Tensor | None = None) -> Tensor:
         """(B,) corrected distances of image pairs (`distances` default: the embeddings' Euclidean one)."""
@@ -880,9 +893,12 @@ def _rerank_scores(results, scores: Tensor, n: int):
 
 
 @torch.no_grad()
-def rerank_encoded(results, encoded: Tensor, model: FeaturePairModel, top_n: int, *, batch_size: int = 4096):
+def rerank_encoded(
+    results, encoded: Tensor, model: FeaturePairModel, top_n: int, *, batch_size: int = 4096,
+    head: int | None = None,
+):
     """`results` with each query's top_n re-ordered by `model.score` from encoded items (row i = item i;
-    only the rows of queries and top_n items are read). Ties keep their order."""
+    only the rows of queries and top_n items are read; `head`: one head alone). Ties keep their order."""
     n = min(int(top_n), results.retrieved.shape[1])
     top = results.retrieved[:, :n]
     valid = top >= 0
@@ -893,7 +909,7 @@ def rerank_encoded(results, encoded: Tensor, model: FeaturePairModel, top_n: int
     try:
         out = [
             model.score(encoded[queries[at : at + batch_size]], encoded[items[at : at + batch_size]],
-                        base[at : at + batch_size])
+                        base[at : at + batch_size], head)
             for at in range(0, len(items), batch_size)
         ]
     finally:
@@ -951,11 +967,56 @@ def neighbour_pairs(
     return ids1, ids2, dist.reshape(-1), labels[ids1] == labels[ids2]
 
 
+def class_folds(
+    labels: Sequence[int] | np.ndarray | Tensor, folds: int, *, seed: int = 0
+) -> list[np.ndarray]:
+    """`folds` boolean holdout masks over items, each holding out a disjoint seeded group of whole classes
+    (together: every class once)."""
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    if folds < 2 or len(classes) < 2 * folds:
+        raise ValueError(
+            f"{folds} folds of held-out classes need folds >= 2 and at least {2 * folds} classes; got "
+            f"{len(classes)} classes (use fewer folds)"
+        )
+    groups = np.array_split(np.random.default_rng(seed).permutation(classes), folds)
+    return [np.isin(labels, group) for group in groups]
+
+
 def _list_metrics(results) -> dict[str, float]:
     from labkit.metrics import flatten_metrics, metrics_from_results
 
     flat = flatten_metrics(metrics_from_results(results, cmc_k=(1,), precision_k=(5,), map_k=(5,)))
     return {k: float(flat[k]) for k in ("cmc@1", "precision@5", "map@5")}
+
+
+class _Fold:
+    """Training lists, mined hard pairs and held-out results of one fold (tensors on the CPU)."""
+
+    def __init__(self, model, encoded, labels, holdout, list_size, top_n) -> None:
+        from labkit.retrieval import retrieve
+
+        emb = model.embeddings(encoded)
+        fit = ~holdout
+        self.queries, self.neighbours, self.dist = neighbour_lists(emb, fit, list_size)
+        q_flat = self.queries[:, None].expand_as(self.neighbours).reshape(-1)
+        raw = model.interactions(encoded[q_flat], encoded[self.neighbours.reshape(-1)], self.dist.reshape(-1))
+        self.raw = raw.reshape(*self.neighbours.shape, -1)
+        same = labels[self.neighbours] == labels[self.queries][:, None]
+        self.pair_mask = same[:, :, None] & ~same[:, None, :]  # [q, i, j]: i same label as q, j not
+        self.n_pairs = same.numel()
+        fit_ids = torch.nonzero(torch.as_tensor(fit)).squeeze(1)
+        h1, h2, self.h_negative = mine_pairs(emb[fit_ids], labels[fit_ids])
+        h1, h2 = fit_ids[h1], fit_ids[h2]
+        self.h_dist = (emb[h1] - emb[h2]).norm(dim=1)
+        self.h_raw = model.interactions(encoded[h1], encoded[h2], self.h_dist)
+        hold_ids = torch.nonzero(torch.as_tensor(holdout)).squeeze(1)
+        every = torch.ones(len(hold_ids), dtype=torch.bool)
+        self.hold_results = retrieve(emb[hold_ids], labels[hold_ids], every, every, k=max(top_n, 5))
+        self.hold_encoded = encoded[hold_ids]
+        listed = torch.cat([labels[self.queries], labels[self.neighbours].flatten()])
+        self.fit_classes = sorted(set(listed.tolist()))
+        self.holdout_classes = sorted(set(labels[hold_ids].tolist()))
 
 
 def fit_feature_reranker(
@@ -978,29 +1039,32 @@ def fit_feature_reranker(
     seed: int = 0,
     progress: bool = False,
 ) -> tuple[FeaturePairModel, pd.DataFrame]:
-    """Train `model`'s head on the train split and keep the epoch that re-ranks held-out train classes best.
+    """Train `model`'s heads on the train split, cross-fitted over held-out train classes, and keep the epoch
+    that re-ranks the held-out classes best.
 
     `train_images`: the train split as a dataset (items with "input_tensors", evaluation transform) or an
-    (N, C, H, W) tensor; `labels` (N,) its labels. Every image is encoded once (`model.encode`). A seeded
-    `holdout_fraction` of the train classes is held out (`split_train_classes`). On the rest, every item is
-    a query whose `list_size` (default 2 * top_n) nearest neighbours under the extractor form its list; the
+    (N, C, H, W) tensor; `labels` (N,) its labels. Every image is encoded once (`model.encode`). The train
+    classes are split into `model`'s n_heads folds (`class_folds`; with fewer than 2 * n_heads classes into
+    fewer folds, head i taking fold i mod n_folds; with one head or fewer than 4 classes: a
+    `holdout_fraction` of the classes held out, `split_train_classes`). Head f trains on the classes
+    outside fold f: every item is a query whose `list_size` (default 2 * top_n) nearest neighbours under the extractor form its list; the
     loss is a pairwise ranking loss inside each list (every same-label neighbour should score below every
     other-label one: softplus of the score gap over the lists' distance spread), plus `hard_pair_weight`
     (default 0: on held-out train classes it made re-ranking worse) times a class-balanced binary
     cross-entropy on the hardest positive and hardest negative of every query (`mine_pairs`) with a learned
-    threshold. An epoch is one pass over the lists in batches of `lists_per_batch` lists (default: all
-    at once, which keeps the linear head's path smooth). After every epoch the held-out classes' own top_n
-    lists are re-ranked; the weights of the epoch with the best held-out cmc@1 + map@5 are kept (epoch 0, the
-    untrained model = the baseline, included; ties go to the earlier epoch). With `val_results` (the
-    extractor's validation `RetrievalResults`) and `val_images`, the validation metrics are recorded per
-    epoch for the plot only: they never choose anything.
+    threshold. An epoch is one pass over the lists in batches of `lists_per_batch` lists (default: all at
+    once, which keeps a linear head's path smooth). After every epoch each head re-ranks the top_n lists of
+    its own held-out classes; the epoch with the best mean held-out cmc@1 + map@5 is kept for all heads
+    (epoch 0, the untrained model = the baseline, included; ties go to the earlier epoch), and the model
+    averages the heads. So every train class is held out once and no choice rests on a handful of classes.
+    With `val_results` (the extractor's validation `RetrievalResults`) and `val_images`, the validation
+    metrics of the averaged heads are recorded per epoch for the plot only: they never choose anything.
 
-    History: one row per epoch (0 = before training) with `loss`, `holdout/cmc@1`, `holdout/map@5`,
-    `holdout/precision@5`, the validation metrics when given, and `chosen` (True on the kept epoch);
-    `history.attrs` holds `best_epoch`, `encode_seconds`, `train_seconds`, `n_pairs`.
+    History: one row per epoch (0 = before training) with `loss`, `holdout/cmc@1`, `holdout/precision@5`,
+    `holdout/map@5` (means over the folds), the validation metrics when given, and `chosen` (True on the
+    kept epoch); `history.attrs` holds `best_epoch`, `folds` (per fold: `fit_classes` its lists hold,
+    `holdout_classes`), `encode_seconds`, `train_seconds`, `n_pairs`.
     """
-    from labkit.retrieval import retrieve
-
     if epochs < 0:
         raise ValueError(f"epochs={epochs}: must be >= 0")
     if val_results is not None and val_images is None:
@@ -1019,94 +1083,86 @@ def fit_feature_reranker(
         val_encoded = torch.zeros(len(val_results.labels), encoded.shape[1])
         val_encoded[ids] = encode_items(model, val_images, ids, batch_size=batch_size, device=device)
     encode_seconds = time.perf_counter() - started
-    emb = model.embeddings(encoded)
-    fit, holdout = split_train_classes(labels_t.numpy(), holdout_fraction, seed=seed)
-
-    # lists: (Q, n) neighbours of every fit query; raw interactions of every (query, neighbour) pair
-    queries, neighbours, dist = neighbour_lists(emb, fit, list_size)
-    q_flat = queries[:, None].expand_as(neighbours)
-    raw = model.interactions(encoded[q_flat.reshape(-1)], encoded[neighbours.reshape(-1)], dist.reshape(-1))
-    raw = raw.reshape(*neighbours.shape, -1)
-    same = labels_t[neighbours] == labels_t[queries][:, None]
-    # hardest positive and negative of every fit query
-    fit_ids = torch.nonzero(torch.as_tensor(fit)).squeeze(1)
-    h1, h2, h_negative = mine_pairs(emb[fit_ids], labels_t[fit_ids])
-    h1, h2 = fit_ids[h1], fit_ids[h2]
-    h_dist = (emb[h1] - emb[h2]).norm(dim=1)
-    h_raw = model.interactions(encoded[h1], encoded[h2], h_dist)
-    all_raw = torch.cat([raw.reshape(-1, raw.shape[-1]), h_raw])
+    n_heads = len(model.heads)
+    n_folds = min(n_heads, len(np.unique(labels_t.numpy())) // 2)
+    if n_folds < 2:
+        holdouts = [split_train_classes(labels_t.numpy(), holdout_fraction, seed=seed)[1]]
+    else:
+        holdouts = class_folds(labels_t.numpy(), n_folds, seed=seed)
+    distinct = [_Fold(model, encoded, labels_t, h, list_size, top_n) for h in holdouts]
+    folds = [distinct[i % len(distinct)] for i in range(n_heads)]  # head i trains on fold i mod n_folds
+    all_raw = torch.cat([t for f in distinct for t in (f.raw.reshape(-1, f.raw.shape[-1]), f.h_raw)])
     model.input_mean.copy_(all_raw.mean(dim=0))
     model.input_std.copy_(all_raw.std(dim=0).clamp(min=1e-6))
-    temperature = float(dist.std().clamp(min=1e-6))
-    threshold = nn.Parameter(torch.tensor(float(h_dist.median()) if len(h_dist) else 0.0))
-    pos_weight = (h_negative.sum() / (~h_negative).sum().clamp(min=1)).float()
-
-    hold_emb_ids = torch.nonzero(torch.as_tensor(holdout)).squeeze(1)
-    hold_results = retrieve(
-        emb[hold_emb_ids], labels_t[hold_emb_ids], torch.ones(len(hold_emb_ids), dtype=torch.bool),
-        torch.ones(len(hold_emb_ids), dtype=torch.bool), k=max(top_n, 5),
-    )
-    hold_encoded = encoded[hold_emb_ids]
+    temperature = float(torch.cat([f.dist.reshape(-1) for f in distinct]).std().clamp(min=1e-6))
+    thresholds = [
+        nn.Parameter(torch.tensor(float(f.h_dist.median()) if len(f.h_dist) else 0.0)) for f in folds
+    ]
+    optimizers = [
+        torch.optim.AdamW([*model.heads[i].parameters(), thresholds[i]], lr=lr, weight_decay=weight_decay)
+        for i in range(n_heads)
+    ]
 
     def measure(epoch: int, loss: float) -> dict[str, Any]:
         row: dict[str, Any] = {"epoch": epoch, "loss": loss}
-        hold = rerank_encoded(hold_results, hold_encoded, model, top_n)
-        row.update({f"holdout/{k}": v for k, v in _list_metrics(hold).items()})
+        held = [_list_metrics(rerank_encoded(f.hold_results, f.hold_encoded, model, top_n, head=i))
+                for i, f in enumerate(folds)]
+        row.update({f"holdout/{k}": float(np.mean([h[k] for h in held])) for k in held[0]})
         if val_encoded is not None:
             row.update(_list_metrics(rerank_encoded(val_results, val_encoded, model, top_n)))
         return row
 
-    optimizer = torch.optim.AdamW([*model.head.parameters(), threshold], lr=lr, weight_decay=weight_decay)
+    def heads_state() -> dict[str, Tensor]:
+        return {k: v.clone() for k, v in model.state_dict().items() if k.startswith("heads.")}
+
     history = [measure(0, float("nan"))]
     best_score = history[0]["holdout/cmc@1"] + history[0]["holdout/map@5"]
-    best_state, best_epoch = {k: v.clone() for k, v in model.state_dict().items() if "extractor" not in k}, 0
-    pair_mask = same[:, :, None] & ~same[:, None, :]  # (Q, n, n): [q, i, j] = i same label, j not
+    best_state, best_epoch = heads_state(), 0
     from tqdm.auto import tqdm
 
     for epoch in tqdm(range(1, epochs + 1), desc="epochs", disable=not progress, leave=False):
         model.train()
-        order = torch.randperm(len(queries), generator=generator)
-        h_order = torch.randperm(len(h1), generator=generator)
-        n_batches = max(1, (len(order) + lists_per_batch - 1) // lists_per_batch)
         losses = []
-        for b in range(n_batches):
-            rows = order[b * lists_per_batch : (b + 1) * lists_per_batch]
-            r = raw[rows]
-            scores = dist[rows] + model.correction_from_interactions(r.reshape(-1, r.shape[-1])).view(
-                len(rows), -1
-            )
-            gaps = (scores[:, :, None] - scores[:, None, :]) / temperature  # pos - neg: want < 0
-            mask = pair_mask[rows]
-            loss = nn.functional.softplus(gaps[mask]).mean() if mask.any() else scores.sum() * 0
-            if hard_pair_weight and len(h1):
-                hb = h_order[b :: n_batches]
-                h_scores = h_dist[hb] + model.correction_from_interactions(h_raw[hb])
-                logits = (threshold - h_scores) / temperature
-                bce = nn.functional.binary_cross_entropy_with_logits(
-                    logits, (~h_negative[hb]).float(), pos_weight=pos_weight
-                )
-                loss = loss + hard_pair_weight * bce
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
+        for i, fold in enumerate(folds):
+            order = torch.randperm(len(fold.queries), generator=generator)
+            h_order = torch.randperm(len(fold.h_dist), generator=generator)
+            n_batches = max(1, (len(order) + lists_per_batch - 1) // lists_per_batch)
+            for b in range(n_batches):
+                rows = order[b * lists_per_batch : (b + 1) * lists_per_batch]
+                r = fold.raw[rows]
+                correction = model.correction_from_interactions(r.reshape(-1, r.shape[-1]), i)
+                scores = fold.dist[rows] + correction.view(len(rows), -1)
+                gaps = (scores[:, :, None] - scores[:, None, :]) / temperature  # pos - neg: want < 0
+                mask = fold.pair_mask[rows]
+                loss = nn.functional.softplus(gaps[mask]).mean() if mask.any() else scores.sum() * 0
+                if hard_pair_weight and len(h_order):
+                    hb = h_order[b::n_batches]
+                    h_scores = fold.h_dist[hb] + model.correction_from_interactions(fold.h_raw[hb], i)
+                    negative = fold.h_negative[hb]
+                    pos_weight = (negative.sum() / (~negative).sum().clamp(min=1)).float()
+                    bce = nn.functional.binary_cross_entropy_with_logits(
+                        (thresholds[i] - h_scores) / temperature, (~negative).float(), pos_weight=pos_weight
+                    )
+                    loss = loss + hard_pair_weight * bce
+                optimizers[i].zero_grad()
+                loss.backward()
+                optimizers[i].step()
+                losses.append(float(loss.detach()))
         model.eval()
         row = measure(epoch, float(np.mean(losses)))
         history.append(row)
         score = row["holdout/cmc@1"] + row["holdout/map@5"]
         if score > best_score + 1e-9:
-            best_score, best_epoch = score, epoch
-            best_state = {k: v.clone() for k, v in model.state_dict().items() if "extractor" not in k}
+            best_score, best_epoch, best_state = score, epoch, heads_state()
     model.load_state_dict(best_state, strict=False)
     model.eval()
     frame = pd.DataFrame(history)
     frame["chosen"] = frame["epoch"] == best_epoch
     frame.attrs.update(
         best_epoch=best_epoch,
-        fit_classes=sorted(set(labels_t[queries].tolist()) | set(labels_t[neighbours].flatten().tolist())),
-        holdout_classes=sorted(set(labels_t[hold_emb_ids].tolist())),
+        folds=[{"fit_classes": f.fit_classes, "holdout_classes": f.holdout_classes} for f in distinct],
         encode_seconds=encode_seconds,
         train_seconds=time.perf_counter() - started,
-        n_pairs=int(same.numel() + len(h1)),
+        n_pairs=int(sum(f.n_pairs + len(f.h_dist) for f in distinct)),
     )
     return model, frame

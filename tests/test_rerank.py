@@ -342,8 +342,8 @@ def test_feature_reranker_never_touches_ranks_beyond_top_n(figures_df):
 
     extractor, _, _, valid_images, results = _feature_setup(figures_df)
     torch.manual_seed(1)
-    model = FeaturePairModel(extractor, n_stages=2)
-    torch.nn.init.normal_(model.head[-1].weight, std=100.0)  # a correction that changes the order a lot
+    model = FeaturePairModel(extractor, n_stages=2, n_heads=1)
+    torch.nn.init.normal_(model.heads[0][-1].weight, std=100.0)  # a correction that changes the order a lot
     out = PairwiseReranker(3, model).rerank(results, valid_images)
     assert torch.equal(out.retrieved[:, 3:], results.retrieved[:, 3:])
     assert torch.equal(out.retrieved[:, :3].sort(1).values, results.retrieved[:, :3].sort(1).values)
@@ -351,8 +351,8 @@ def test_feature_reranker_never_touches_ranks_beyond_top_n(figures_df):
     assert bool((out.distances[:, 1:] >= out.distances[:, :-1]).all())
 
 
-def test_split_train_classes_is_class_disjoint_and_seeded():
-    from labkit.rerank import split_train_classes
+def test_split_train_classes_and_class_folds_are_class_disjoint_and_seeded():
+    from labkit.rerank import class_folds, split_train_classes
 
     labels = np.repeat(np.arange(10), 3)
     fit, holdout = split_train_classes(labels, 0.25, seed=3)
@@ -362,6 +362,12 @@ def test_split_train_classes_is_class_disjoint_and_seeded():
     assert np.array_equal(again[1], holdout)
     with pytest.raises(ValueError, match="at least 4 classes"):
         split_train_classes([0, 0, 1, 1, 2], 0.25)
+    folds = class_folds(labels, 3, seed=0)
+    held = [set(labels[f]) for f in folds]
+    assert [len(h) for h in held] == [4, 3, 3] and set().union(*held) == set(range(10))
+    assert not (held[0] & held[1] or held[0] & held[2] or held[1] & held[2])
+    with pytest.raises(ValueError, match="fewer folds"):
+        class_folds(labels, 6)
 
 
 def test_neighbour_pairs_hand_case_hold_both_labels():
@@ -388,20 +394,26 @@ def test_fit_feature_reranker_trains_on_fit_classes_only_and_reloads_identically
     extractor, train, train_images, valid_images, results = _feature_setup(figures_df)
     model = FeaturePairModel(extractor, n_stages=2)
     model, history = fit_feature_reranker(
-        model, train_images, train.labels, top_n=3, epochs=3, holdout_fraction=0.5, seed=0,
+        model, train_images, train.labels, top_n=3, epochs=3, seed=0,
         val_results=results, val_images=valid_images,
     )  # fmt: skip
     assert list(history["epoch"]) == [0, 1, 2, 3]
     assert int(history["chosen"].sum()) == 1
     assert history.loc[history["chosen"], "epoch"].item() == history.attrs["best_epoch"]
-    fit_classes, holdout_classes = set(history.attrs["fit_classes"]), set(history.attrs["holdout_classes"])
-    assert fit_classes and holdout_classes and not fit_classes & holdout_classes
-    assert fit_classes | holdout_classes == set(np.unique(train.labels).tolist())
+    # 4 train classes, 4 heads: 2 folds of 2 held-out classes each, every class held out once
+    folds = history.attrs["folds"]
+    assert len(folds) == 2 and len(model.heads) == 4
+    for fold in folds:
+        fit_classes, holdout_classes = set(fold["fit_classes"]), set(fold["holdout_classes"])
+        assert len(holdout_classes) == 2 and not fit_classes & holdout_classes
+        assert fit_classes | holdout_classes == set(np.unique(train.labels).tolist())
+    assert sorted(c for f in folds for c in f["holdout_classes"]) == sorted(np.unique(train.labels).tolist())
     # epoch 0 is the baseline: the validation metrics of the results as they are
     flat = flatten_metrics(metrics_from_results(results, cmc_k=(1,), precision_k=(5,), map_k=(5,)))
     assert history.loc[0, "cmc@1"] == pytest.approx(flat["cmc@1"])
-    # make the head non-trivial, so that equality after reloading means something
-    torch.nn.init.normal_(model.head[-1].weight, std=100.0)
+    # make the heads non-trivial, so that equality after reloading means something
+    for head in model.heads:
+        torch.nn.init.normal_(head[-1].weight, std=100.0)
     path = save_pairwise(model, tmp_path / "features.pt")
     loaded = load_pairwise(path)
     assert type(loaded) is FeaturePairModel and loaded.config == model.config
