@@ -1047,8 +1047,8 @@ def fit_feature_reranker(
     classes are split into `model`'s n_heads folds (`class_folds`; with fewer than 2 * n_heads classes into
     fewer folds, head i taking fold i mod n_folds; with one head or fewer than 4 classes: a
     `holdout_fraction` of the classes held out, `split_train_classes`). Head f trains on the classes
-    outside fold f: every item is a query whose `list_size` (default 2 * top_n) nearest neighbours under the extractor form its list; the
-    loss is a pairwise ranking loss inside each list (every same-label neighbour should score below every
+    outside fold f: every item is a query whose `list_size` (default 2 * top_n) nearest neighbours under
+    the extractor form its list; the loss is a pairwise ranking loss inside each list (every same-label neighbour should score below every
     other-label one: softplus of the score gap over the lists' distance spread), plus `hard_pair_weight`
     (default 0: on held-out train classes it made re-ranking worse) times a class-balanced binary
     cross-entropy on the hardest positive and hardest negative of every query (`mine_pairs`) with a learned
