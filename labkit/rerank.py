@@ -1042,23 +1042,25 @@ def fit_feature_reranker(
     """Train `model`'s heads on the train split, cross-fitted over held-out train classes, and keep the epoch
     that re-ranks the held-out classes best.
 
-    `train_images`: the train split as a dataset (items with "input_tensors", evaluation transform) or an
-    (N, C, H, W) tensor; `labels` (N,) its labels. Every image is encoded once (`model.encode`). The train
-    classes are split into `model`'s n_heads folds (`class_folds`; with fewer than 2 * n_heads classes into
-    fewer folds, head i taking fold i mod n_folds; with one head or fewer than 4 classes: a
-    `holdout_fraction` of the classes held out, `split_train_classes`). Head f trains on the classes
-    outside fold f: every item is a query whose `list_size` (default 2 * top_n) nearest neighbours under
-    the extractor form its list; the loss is a pairwise ranking loss inside each list (every same-label neighbour should score below every
-    other-label one: softplus of the score gap over the lists' distance spread), plus `hard_pair_weight`
-    (default 0: on held-out train classes it made re-ranking worse) times a class-balanced binary
-    cross-entropy on the hardest positive and hardest negative of every query (`mine_pairs`) with a learned
-    threshold. An epoch is one pass over the lists in batches of `lists_per_batch` lists (default: all at
-    once, which keeps a linear head's path smooth). After every epoch each head re-ranks the top_n lists of
-    its own held-out classes; the epoch with the best mean held-out cmc@1 + map@5 is kept for all heads
-    (epoch 0, the untrained model = the baseline, included; ties go to the earlier epoch), and the model
-    averages the heads. So every train class is held out once and no choice rests on a handful of classes.
-    With `val_results` (the extractor's validation `RetrievalResults`) and `val_images`, the validation
-    metrics of the averaged heads are recorded per epoch for the plot only: they never choose anything.
+    `train_images`: the train split as a dataset (items with "input_tensors", evaluation transform) or an (N,
+    C, H, W) tensor; `labels` (N,) its labels. Every image is encoded once (`model.encode`). The train classes
+    are split into `model`'s n_heads folds (`class_folds`; with fewer than 2 * n_heads classes into fewer
+    folds, head i taking fold i mod n_folds; with one head or fewer than 4 classes: a `holdout_fraction` of
+    the classes held out, `split_train_classes`). Head f trains on the classes outside fold f: every item is a
+    query whose `list_size` (default 2 * top_n) nearest neighbours under the extractor form its list; the loss
+    is a pairwise ranking loss inside each list (every same-label neighbour should score below every other-
+    label one: softplus of the score gap over the lists' distance spread), plus `hard_pair_weight` (default 0:
+    on held-out train classes it made re-ranking worse) times a class-balanced binary cross-entropy on the
+    hardest positive and hardest negative of every query (`mine_pairs`) with a learned threshold. An epoch is
+    one pass over the lists in batches of `lists_per_batch` lists (default: all at once, which keeps a linear
+    head's path smooth). After every epoch each head re-ranks the top_n lists of its own held-out classes; the
+    epoch with the best mean held-out cmc@1 + map@5 is kept for all heads (epoch 0, the untrained model = the
+    baseline, included; ties go to the earlier epoch), and the model averages the heads. So every train class
+    is held out once and no choice rests on a handful of classes. With `val_results` (the extractor's
+    validation `RetrievalResults`) and `val_images`, the validation metrics of the averaged heads are recorded
+    per epoch for the plot only: they never choose anything.
+
+
 
     History: one row per epoch (0 = before training) with `loss`, `holdout/cmc@1`, `holdout/precision@5`,
     `holdout/map@5` (means over the folds), the validation metrics when given, and `chosen` (True on the
