@@ -919,6 +919,26 @@ def rerank_encoded(
     return _rerank_scores(results, scores, n)
 
 
+class _FixedLists:
+    """The raw interactions of results' (query, top_n item) pairs, computed once: re-ranking them again
+    with a changed head only re-applies the head (the features never change while the head trains)."""
+
+    def __init__(self, results, encoded: Tensor, model: FeaturePairModel, top_n: int) -> None:
+        self.results, self.n = results, min(int(top_n), results.retrieved.shape[1])
+        top = results.retrieved[:, : self.n]
+        self.valid = top >= 0
+        queries = results.query_ids[:, None].expand_as(top)[self.valid]
+        self.base = results.distances[:, : self.n][self.valid].float()
+        with torch.no_grad():
+            self.raw = model.interactions(encoded[queries], encoded[top[self.valid]], self.base)
+
+    @torch.no_grad()
+    def rerank(self, model: FeaturePairModel, head: int | None = None):
+        scores = torch.full(self.valid.shape, torch.inf)
+        scores[self.valid] = self.base + model.correction_from_interactions(self.raw, head)
+        return _rerank_scores(self.results, scores, self.n)
+
+
 # ----------------------------------------------------------------------------- training the feature model
 def split_train_classes(
     labels: Sequence[int] | np.ndarray | Tensor, holdout_fraction: float = 0.25, *, seed: int = 0
@@ -1105,13 +1125,16 @@ def fit_feature_reranker(
         for i in range(n_heads)
     ]
 
+    fixed_holdout = {id(f): _FixedLists(f.hold_results, f.hold_encoded, model, top_n) for f in distinct}
+    fixed_val = _FixedLists(val_results, val_encoded, model, top_n) if val_encoded is not None else None
+
     def measure(epoch: int, loss: float) -> dict[str, Any]:
         row: dict[str, Any] = {"epoch": epoch, "loss": loss}
-        held = [_list_metrics(rerank_encoded(f.hold_results, f.hold_encoded, model, top_n, head=i))
-                for i, f in enumerate(folds)]
+        model.eval()
+        held = [_list_metrics(fixed_holdout[id(f)].rerank(model, i)) for i, f in enumerate(folds)]
         row.update({f"holdout/{k}": float(np.mean([h[k] for h in held])) for k in held[0]})
-        if val_encoded is not None:
-            row.update(_list_metrics(rerank_encoded(val_results, val_encoded, model, top_n)))
+        if fixed_val is not None:
+            row.update(_list_metrics(fixed_val.rerank(model)))
         return row
 
     def heads_state() -> dict[str, Tensor]:
