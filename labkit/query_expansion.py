@@ -305,3 +305,66 @@ def k_reciprocal_rerank(
         retrieved = torch.cat([retrieved, torch.full((len(retrieved), pad), -1)], dim=1)
         new_dist = torch.cat([new_dist, torch.full((len(new_dist), pad), float("inf"))], dim=1)
     return baseline.reordered(retrieved, new_dist)
+
+
+# ---------------------------------------------------------------------------------------------- sweep
+def expansion_sweep(
+    embeddings,
+    labels,
+    is_query,
+    is_gallery,
+    *,
+    qe_n: tuple[int, ...] = (1, 2, 3, 4, 5),
+    alphas: tuple[float, ...] = (0.0, 3.0),
+    db_augmentation: bool = False,
+    k_reciprocal: tuple[tuple[int, int, float], ...] = ((20, 6, 0.3), (10, 3, 0.3), (5, 2, 0.3), (3, 1, 0.3)),
+    k: int = 10,
+    sequence_ids=None,
+    max_items: int = 5000,
+):
+    """A table of query expansion (every `qe_n` x `alphas`) and k-reciprocal re-ranking (every
+    (k1, k2, lambda) of `k_reciprocal`) against plain retrieval, one row per setting.
+
+    Columns: method, n, alpha, k1, k2, lambda, cmc@1, precision@5, map@5, their change against the
+    baseline (first row) as `delta cmc@1`, `delta map@5`, and seconds. k-reciprocal rows are left out
+    when the item set exceeds `max_items` (`RerankSizeError`).
+    """
+    import time
+
+    import pandas as pd
+
+    from labkit.metrics import flatten_metrics, metrics_from_results
+
+    def metrics(results: RetrievalResults) -> dict[str, float]:
+        flat = flatten_metrics(metrics_from_results(results, cmc_k=(1,), precision_k=(5,), map_k=(5,)))
+        return {c: float(flat[c]) for c in ("cmc@1", "precision@5", "map@5")}
+
+    args = (embeddings, labels, is_query, is_gallery)
+    rows = []
+    started = time.perf_counter()
+    base = retrieve(_as_tensor_2d(embeddings), labels, is_query, is_gallery, k=k, sequence_ids=sequence_ids)
+    rows.append({"method": "baseline", **metrics(base), "seconds": time.perf_counter() - started})
+    for alpha in alphas:
+        for n in qe_n:
+            started = time.perf_counter()
+            out = query_expansion(
+                *args, n=n, alpha=alpha, k=k, db_augmentation=db_augmentation, sequence_ids=sequence_ids
+            )
+            name = ("alpha QE" if alpha else "average QE") + (" + DBA" if db_augmentation else "")
+            rows.append({"method": name, "n": n, "alpha": alpha, **metrics(out),
+                         "seconds": time.perf_counter() - started})
+    for k1, k2, lambda_value in k_reciprocal:
+        started = time.perf_counter()
+        try:
+            out = k_reciprocal_rerank(*args, k=k, k1=k1, k2=k2, lambda_value=lambda_value,
+                                      sequence_ids=sequence_ids, max_items=max_items)
+        except RerankSizeError:
+            continue
+        rows.append({"method": "k-reciprocal", "k1": k1, "k2": k2, "lambda": lambda_value, **metrics(out),
+                     "seconds": time.perf_counter() - started})
+    table = pd.DataFrame(rows, columns=["method", "n", "alpha", "k1", "k2", "lambda", "cmc@1", "precision@5",
+                                        "map@5", "seconds"])
+    for column in ("cmc@1", "map@5"):
+        delta = table[column] - table[column].iloc[0]
+        table.insert(table.columns.get_loc(column) + 1, f"delta {column}", delta)
+    return table

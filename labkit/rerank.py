@@ -1,14 +1,26 @@
-"""Second-stage retrieval: a pairwise re-ranker trained on hard pairs.
+"""Second-stage retrieval: pairwise re-rankers of each query's first results.
 
+The default (04's `pair_model = "features"`):
+- `FeaturePairModel`: both images through the trained extractor (one shared, frozen backbone); the pair's
+  interactions (cosines of the embedding and of the pooled maps of the last backbone stages, spatial
+  correlation of those maps, the distance) feed a head whose last layer starts at zero. Score = original
+  distance + correction, so the untrained model reproduces the baseline order exactly.
+- `fit_feature_reranker`: encodes the train split once, holds out a share of the train classes
+  (`split_train_classes`), trains the head with a ranking loss inside each fit query's neighbour list
+  (`neighbour_lists`), and keeps the epoch that re-ranks the held-out classes best (epoch 0 = baseline).
+  Only the head trains, on cached features: many epochs cost little.
+
+Kept for comparison (OML's layout):
 - `mine_pairs`: the hardest positive and hardest negative pair of every anchor in a batch (or all pairs).
 - `PairwiseModel`: a timm backbone that sees both images of a pair at once (concatenated along the channel
   axis, or stacked vertically as OML's ConcatSiamese does) and an MLP head giving one logit ("same label").
 - `PairwiseModule` / `train_pairwise`: Lightning training with BCE-with-logits on pairs mined with the
   extractor's embeddings inside balanced batches; `RerankValidation` measures the re-ranked metrics per epoch.
-- `PairwiseReranker`: re-scores each query's top_n results with the pairwise model and returns a new
-  `RetrievalResults`, so metrics and drawings work unchanged.
 
-Query expansion and k-reciprocal re-ranking live in `labkit.query_expansion`.
+`PairwiseReranker(top_n, model)` re-orders each query's first `top_n` results with either model and returns a
+new `RetrievalResults` (the rest keeps its order; distances ascend), so metrics and drawings work unchanged.
+`save_pairwise` / `load_pairwise` store either model. Query expansion and k-reciprocal re-ranking live in
+`labkit.query_expansion`.
 """
 
 from __future__ import annotations
@@ -228,25 +240,44 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def save_pairwise(model: PairwiseModel, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Save config + weights to `path`; refuses to replace an existing file unless overwrite=True."""
+def save_pairwise(
+    model: PairwiseModel | FeaturePairModel, path: str | os.PathLike, *, overwrite: bool = False
+) -> Path:
+    """Save config + weights (a `FeaturePairModel`: its extractor's too) to `path`; refuses to replace an
+    existing file unless overwrite=True."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it, or choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {"kind": "labkit.PairwiseModel", "config": model.config, "state_dict": model.state_dict()}, path
-    )
+    if isinstance(model, FeaturePairModel):
+        payload = {
+            "kind": "labkit.FeaturePairModel",
+            "config": model.config,
+            "extractor_config": model.extractor.config,
+            "state_dict": model.state_dict(),
+        }
+    else:
+        payload = {"kind": "labkit.PairwiseModel", "config": model.config, "state_dict": model.state_dict()}
+    torch.save(payload, path)
     return path
 
 
-def load_pairwise(path: str | os.PathLike) -> PairwiseModel:
-    """A `PairwiseModel` saved by `save_pairwise`."""
+def load_pairwise(path: str | os.PathLike) -> PairwiseModel | FeaturePairModel:
+    """A `PairwiseModel` or `FeaturePairModel` saved by `save_pairwise`, in eval mode for the latter."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no pairwise model at {path}; train one with labkit.rerank.train_pairwise")
+        raise FileNotFoundError(
+            f"no pairwise model at {path}; train one with rerank.fit_feature_reranker or train_pairwise"
+        )
     data = torch.load(path, map_location="cpu", weights_only=False)
-    if not isinstance(data, dict) or data.get("kind") != "labkit.PairwiseModel":
+    kind = data.get("kind") if isinstance(data, dict) else None
+    if kind == "labkit.FeaturePairModel":
+        from labkit.models import create_extractor
+
+        model = FeaturePairModel(create_extractor(**data["extractor_config"]), **data["config"])
+        model.load_state_dict(data["state_dict"])
+        return model.eval()
+    if kind != "labkit.PairwiseModel":
         raise ValueError(f"{path} is not a labkit pairwise model (saved by labkit.rerank.save_pairwise)")
     config = dict(data["config"])
     config["data_config"] = {
@@ -318,6 +349,8 @@ class PairwiseReranker:
         `dataset_or_images`: a dataset whose item i is item id i of the results (items with
         "input_tensors", transformed for the model) or an (N, C, H, W) tensor."""
         started = time.perf_counter()
+        if isinstance(self.model, FeaturePairModel):
+            return self._rerank_features(results, dataset_or_images, started)
         retrieved, distances = results.retrieved, results.distances
         n = min(self.top_n, retrieved.shape[1])
         top = retrieved[:, :n]
@@ -338,6 +371,19 @@ class PairwiseReranker:
         self.seconds = time.perf_counter() - started
         new_dist = torch.cat([new_top_dist, rest_dist], dim=1).to(distances.dtype)
         return results.reordered(torch.cat([new_top, rest], dim=1), new_dist)
+
+    def _rerank_features(self, results, images: Any, started: float):
+        """A `FeaturePairModel`: every item among the queries and their top_n is encoded once, then each
+        pair is scored as distance + correction (the results' own distances)."""
+        n = min(self.top_n, results.retrieved.shape[1])
+        top = results.retrieved[:, :n]
+        ids = torch.unique(torch.cat([results.query_ids, top[top >= 0]]))
+        encoded = torch.zeros(len(results.labels), sum(self.model.sizes))
+        encoded[ids] = encode_items(self.model, images, ids, batch_size=self.batch_size, device=self.device)
+        out = rerank_encoded(results, encoded, self.model, n)
+        self.pairs_scored = int((top >= 0).sum())
+        self.seconds = time.perf_counter() - started
+        return out
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -588,9 +634,10 @@ def ranking_changes(before, after, k: int) -> Tensor:
     return (before.retrieved[:, :k] != after.retrieved[:, :k]).sum(dim=1)
 
 
-def most_changed_query(before, after, *, k: int = 5, metric: str = "map@5") -> int:
+def most_changed_query(before, after, *, k: int = 5, metric: str = "map@5", improved: bool = False) -> int:
     """Position of the query whose first `k` results changed most (ties: largest change of `metric`,
-    then the first such query)."""
+    then the first such query). improved=True: among the queries whose `metric` went up (all queries when
+    none did)."""
     from labkit.metrics import metrics_from_results
 
     name, _, at = metric.partition("@")
@@ -602,7 +649,12 @@ def most_changed_query(before, after, *, k: int = 5, metric: str = "map@5") -> i
     ]
     delta = (per_query[1] - per_query[0]).abs().nan_to_num(0.0)
     changes = ranking_changes(before, after, k).double()
-    return int(torch.argmax(changes * 2 + delta.double() / (delta.max().double() + 1)))
+    score = changes * 2 + delta.double() / (delta.max().double() + 1)
+    if improved:
+        gained = (per_query[1] - per_query[0]).nan_to_num(0.0) > 0
+        if bool(gained.any()):
+            score = score.masked_fill(~gained, -torch.inf)
+    return int(torch.argmax(score))
 
 
 def method_summary(
@@ -633,3 +685,509 @@ def method_summary(
         "seconds": float(seconds),
         "pairs_scored": int(pairs_scored),
     }
+
+
+# ---------------------------------------------------------------------------------- feature pair model
+def _pool_map(fmap: Tensor, side: int) -> Tensor:
+    """A (B, C, H, W) map average-pooled to at most side x side."""
+    h, w = fmap.shape[-2:]
+    return nn.functional.adaptive_avg_pool2d(fmap, (min(side, h), min(side, w)))
+
+
+def _cosine(a: Tensor, b: Tensor) -> Tensor:
+    return nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8)
+
+
+class FeaturePairModel(nn.Module):
+    """A learned correction of the extractor's distance: score(a, b) = distance(a, b) + head(interactions).
+
+    Both images go through the same frozen extractor (shared backbone, never trained here). `encode` keeps,
+    per image, its embedding and the feature maps of the backbone's last `n_stages` stages, each pooled to
+    at most `map_side` x `map_side` (one flat vector per image, so a gallery is encoded once). A pair's
+    interactions are, for the embedding and each stage: cosine similarity of the average-pooled and of the
+    max-pooled features, and the spatial correlation of the two maps (mean over locations of the best
+    matching location's cosine, both ways, and the mean cosine over all location pairs); with
+    `elementwise=True` also |a - b| and a * b of the last stage's pooled features; and the distance itself.
+    They are standardised (statistics set by `fit_feature_reranker`) and fed to the head: one linear layer
+    (`hidden_dims=()`, the default: a learned weighting of the similarities, which transfers to new classes
+    better than an MLP did on held-out train classes) or an MLP. Its last layer is zero-initialised: the
+    untrained model scores every pair with its distance, so re-ranking with it reproduces the baseline order
+    exactly. `n_heads` heads (one per fold of `fit_feature_reranker`'s cross-fitting) are averaged. The
+    interactions are symmetric in (a, b).
+    """
+
+    def __init__(
+        self,
+        extractor: nn.Module,
+        *,
+        n_stages: int = 4,
+        map_side: int = 4,
+        hidden_dims: Sequence[int] = (),
+        dropout: float = 0.0,
+        elementwise: bool = False,
+        n_heads: int = 4,
+    ) -> None:
+        super().__init__()
+        if int(n_heads) < 1:
+            raise ValueError(f"n_heads must be >= 1; got {n_heads}")
+        if getattr(extractor, "backbone_name", None) is None:
+            raise ValueError(
+                "FeaturePairModel needs a labkit Extractor (labkit.models.load_extractor or "
+                f"create_extractor); got {type(extractor).__name__}"
+            )
+        if isinstance(hidden_dims, str) or not all(isinstance(d, int) and d > 0 for d in hidden_dims):
+            raise ValueError(
+                f"hidden_dims must be a list of positive integers, e.g. [32]; got {hidden_dims!r}"
+            )
+        self.extractor = extractor.eval().requires_grad_(False)
+        self.n_stages, self.map_side, self.elementwise = int(n_stages), int(map_side), bool(elementwise)
+        self.data_config = dict(extractor.data_config)
+        with torch.no_grad():
+            probe = self._parts(torch.zeros(1, *self.data_config["input_size"]))
+        self.shapes = [tuple(p.shape[1:]) for p in probe]  # embedding (D,), then stage maps (C, h, w)
+        self.sizes = [int(np.prod(s)) for s in self.shapes]
+        n_inputs = 1 + 2 + 5 * (len(self.shapes) - 1) + (2 * self.shapes[-1][0] if elementwise else 0)
+        dims = [n_inputs, *hidden_dims]
+
+        def make_head() -> nn.Sequential:
+            layers: list[nn.Module] = []
+            for d_in, d_out in zip(dims[:-1], dims[1:], strict=True):
+                layers += [nn.Linear(d_in, d_out), nn.ReLU(), nn.Dropout(dropout)]
+            last = nn.Linear(dims[-1], 1)
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+            return nn.Sequential(*layers, last)
+
+        self.heads = nn.ModuleList(make_head() for _ in range(int(n_heads)))
+        self.register_buffer("input_mean", torch.zeros(n_inputs))
+        self.register_buffer("input_std", torch.ones(n_inputs))
+        self.config = {
+            "n_stages": self.n_stages,
+            "map_side": self.map_side,
+            "hidden_dims": list(hidden_dims),
+            "dropout": dropout,
+            "elementwise": self.elementwise,
+            "n_heads": int(n_heads),
+        }
+
+    @property
+    def n_inputs(self) -> int:
+        return int(self.input_mean.numel())
+
+    def train(self, mode: bool = True) -> FeaturePairModel:
+        super().train(mode)
+        self.extractor.eval()  # frozen: batch-norm statistics never change
+        return self
+
+    def _parts(self, images: Tensor) -> list[Tensor]:
+        extractor = self.extractor
+        backbone = extractor.backbone
+        if self.n_stages and not hasattr(backbone, "forward_intermediates"):
+            raise ValueError(
+                f"backbone {extractor.backbone_name!r} has no timm forward_intermediates; use n_stages=0"
+            )
+        if self.n_stages:
+            final, maps = backbone.forward_intermediates(images, indices=self.n_stages)
+            features = backbone.forward_head(final)
+        else:
+            features, maps = backbone(images), []
+        if extractor.projection is not None:
+            features = extractor.projection(features)
+        if extractor.normalize:
+            features = nn.functional.normalize(features, p=2, dim=1)
+        return [features, *(_pool_map(m, self.map_side) for m in maps)]
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """(B, F) one flat vector per image: the embedding, then each pooled stage map."""
+        was_training = self.training
+        self.eval()
+        try:
+            return torch.cat([p.flatten(1) for p in self._parts(images)], dim=1)
+        finally:
+            self.train(was_training)
+
+    def embeddings(self, encoded: Tensor) -> Tensor:
+        """The extractor's embeddings inside encoded vectors."""
+        return encoded[:, : self.sizes[0]]
+
+    def _split(self, encoded: Tensor) -> list[Tensor]:
+        parts = torch.split(encoded, self.sizes, dim=1)
+        return [p.reshape(len(encoded), *s) for p, s in zip(parts, self.shapes, strict=True)]
+
+    def interactions(self, encoded1: Tensor, encoded2: Tensor, distances: Tensor) -> Tensor:
+        """(P, n_inputs) raw (unstandardised) interaction features of the pairs (encoded1[i], encoded2[i])."""
+        parts1, parts2 = self._split(encoded1), self._split(encoded2)
+        d = distances.float()[:, None]
+        columns = [d, _cosine(parts1[0], parts2[0])[:, None], d * d]
+        for m1, m2 in zip(parts1[1:], parts2[1:], strict=True):
+            a1, a2 = m1.mean(dim=(2, 3)), m2.mean(dim=(2, 3))
+            x1, x2 = m1.amax(dim=(2, 3)), m2.amax(dim=(2, 3))
+            l1 = nn.functional.normalize(m1.flatten(2), dim=1)  # (P, C, L) unit vector per location
+            l2 = nn.functional.normalize(m2.flatten(2), dim=1)
+            corr = l1.transpose(1, 2) @ l2  # (P, L, L)
+            best = 0.5 * (corr.amax(dim=2).mean(dim=1) + corr.amax(dim=1).mean(dim=1))
+            aligned = torch.diagonal(corr, dim1=1, dim2=2).mean(dim=1)
+            columns += [
+                _cosine(a1, a2)[:, None],
+                _cosine(x1, x2)[:, None],
+                best[:, None],
+                corr.mean(dim=(1, 2))[:, None],
+                aligned[:, None],
+            ]
+        if self.elementwise:
+            a1, a2 = parts1[-1].mean(dim=(2, 3)), parts2[-1].mean(dim=(2, 3))
+            columns += [(a1 - a2).abs(), a1 * a2]
+        return torch.cat(columns, dim=1)
+
+    def correction_from_interactions(self, raw: Tensor, head: int | None = None) -> Tensor:
+        """(P,) the correction: the mean of the heads' outputs, or head number `head` alone."""
+        x = (raw - self.input_mean) / self.input_std
+        if head is not None:
+            return self.heads[head](x).squeeze(-1)
+        return torch.stack([h(x).squeeze(-1) for h in self.heads]).mean(dim=0)
+
+    def score(self, encoded1: Tensor, encoded2: Tensor, distances: Tensor, head: int | None = None) -> Tensor:
+        """(P,) corrected distances of encoded pairs: `distances` + the correction."""
+        raw = self.interactions(encoded1, encoded2, distances)
+        return distances.float() + self.correction_from_interactions(raw, head)
+
+    def forward(self, images1: Tensor, images2: Tensor, distances: Tensor | None = None) -> Tensor:
+        """(B,) corrected distances of image pairs (`distances` default: the embeddings' Euclidean one)."""
+        e1, e2 = self.encode(images1), self.encode(images2)
+        if distances is None:
+            distances = (self.embeddings(e1) - self.embeddings(e2)).norm(dim=1)
+        return self.score(e1, e2, distances)
+
+    def transforms(self, train: bool = False):
+        return self.extractor.transforms(train=train)
+
+
+def encode_items(
+    model: FeaturePairModel, images: Any, ids: Tensor, *, batch_size: int = 64, device: Any = "cpu"
+) -> Tensor:
+    """(len(ids), F) `model.encode` of the items `ids` of a dataset or an (N, C, H, W) tensor, batched."""
+    model.to(device)
+    chunks = [
+        model.encode(_load_images(images, ids[start : start + batch_size]).to(device)).float().cpu()
+        for start in range(0, len(ids), batch_size)
+    ]
+    model.cpu()
+    return torch.cat(chunks) if chunks else torch.zeros(0, sum(model.sizes))
+
+
+def _rerank_scores(results, scores: Tensor, n: int):
+    """`results` with each row's first n items sorted by `scores` (Q, n; ascending, +inf = padding)."""
+    retrieved, distances = results.retrieved, results.distances
+    top = retrieved[:, :n]
+    order = torch.argsort(scores, dim=1, stable=True)  # padding (+inf) stays last
+    new_top, new_top_dist = top.gather(1, order), scores.gather(1, order)
+    rest, rest_dist = retrieved[:, n:], distances[:, n:].float()
+    if rest.shape[1]:
+        top_max = torch.where(torch.isfinite(new_top_dist), new_top_dist, -torch.inf).amax(dim=1)
+        shift = (top_max - rest_dist[:, 0]).clamp(min=0).nan_to_num(0.0, posinf=0.0, neginf=0.0)
+        # max(): (a + (b - a)) can round below b, and the rows must ascend across the boundary
+        rest_dist = torch.maximum(rest_dist + shift[:, None], top_max.clamp(min=0)[:, None])
+    new_dist = torch.cat([new_top_dist, rest_dist], dim=1).to(distances.dtype)
+    return results.reordered(torch.cat([new_top, rest], dim=1), new_dist)
+
+
+@torch.no_grad()
+def rerank_encoded(
+    results, encoded: Tensor, model: FeaturePairModel, top_n: int, *, batch_size: int = 4096,
+    head: int | None = None,
+):
+    """`results` with each query's top_n re-ordered by `model.score` from encoded items (row i = item i;
+    only the rows of queries and top_n items are read; `head`: one head alone). Ties keep their order."""
+    n = min(int(top_n), results.retrieved.shape[1])
+    top = results.retrieved[:, :n]
+    valid = top >= 0
+    queries = results.query_ids[:, None].expand_as(top)[valid]
+    items, base = top[valid], results.distances[:, :n][valid]
+    was_training = model.training
+    model.eval()
+    try:
+        out = [
+            model.score(encoded[queries[at : at + batch_size]], encoded[items[at : at + batch_size]],
+                        base[at : at + batch_size], head)
+            for at in range(0, len(items), batch_size)
+        ]
+    finally:
+        model.train(was_training)
+    scores = torch.full(top.shape, torch.inf)
+    scores[valid] = torch.cat(out) if out else torch.zeros(0)
+    return _rerank_scores(results, scores, n)
+
+
+class _FixedLists:
+    """The raw interactions of results' (query, top_n item) pairs, computed once: re-ranking them again
+    with a changed head only re-applies the head (the features never change while the head trains)."""
+
+    def __init__(self, results, encoded: Tensor, model: FeaturePairModel, top_n: int) -> None:
+        self.results, self.n = results, min(int(top_n), results.retrieved.shape[1])
+        top = results.retrieved[:, : self.n]
+        self.valid = top >= 0
+        queries = results.query_ids[:, None].expand_as(top)[self.valid]
+        self.base = results.distances[:, : self.n][self.valid].float()
+        with torch.no_grad():
+            self.raw = model.interactions(encoded[queries], encoded[top[self.valid]], self.base)
+
+    @torch.no_grad()
+    def rerank(self, model: FeaturePairModel, head: int | None = None):
+        scores = torch.full(self.valid.shape, torch.inf)
+        scores[self.valid] = self.base + model.correction_from_interactions(self.raw, head)
+        return _rerank_scores(self.results, scores, self.n)
+
+
+# ----------------------------------------------------------------------------- training the feature model
+def split_train_classes(
+    labels: Sequence[int] | np.ndarray | Tensor, holdout_fraction: float = 0.25, *, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean masks (fit, holdout) over items: a seeded `holdout_fraction` of the classes (at least 2, and
+    at least 2 left to fit on) is held out whole, so the two sets share no class."""
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    if len(classes) < 4:
+        raise ValueError(
+            f"holding out training classes needs at least 4 classes; got {len(classes)} "
+            "(use a dataset with more train classes)"
+        )
+    if not 0 < holdout_fraction < 1:
+        raise ValueError(f"holdout_fraction must be in (0, 1); got {holdout_fraction}")
+    n_hold = min(max(2, int(round(len(classes) * holdout_fraction))), len(classes) - 2)
+    held = np.random.default_rng(seed).permutation(classes)[:n_hold]
+    holdout = np.isin(labels, held)
+    return ~holdout, holdout
+
+
+def neighbour_lists(
+    embeddings: Tensor, mask: np.ndarray | Tensor, n: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """For every item of `mask`: its `n` nearest other items of `mask` by Euclidean distance, as
+    `(query_ids (Q,), neighbour_ids (Q, n'), distances (Q, n'))` with n' = min(n, |mask| - 1); ties keep
+    item order."""
+    ids = torch.nonzero(torch.as_tensor(np.asarray(mask))).squeeze(1)
+    x = embeddings[ids].double()
+    sq = (x * x).sum(dim=1)
+    dist = (sq[:, None] + sq[None, :] - 2 * x @ x.T).clamp(min=0).sqrt().float()
+    dist.fill_diagonal_(torch.inf)
+    k = min(int(n), len(ids) - 1)
+    order = torch.argsort(dist, dim=1, stable=True)[:, :k]
+    return ids, ids[order], dist.gather(1, order)
+
+
+def neighbour_pairs(
+    embeddings: Tensor, labels: Sequence[int] | np.ndarray | Tensor, mask: np.ndarray | Tensor, n: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The (query, neighbour) pairs of `neighbour_lists` flattened: `(ids1, ids2, distances, same_label)`."""
+    queries, neighbours, dist = neighbour_lists(embeddings, mask, n)
+    labels = torch.as_tensor(np.asarray(labels))
+    ids1 = queries[:, None].expand_as(neighbours).reshape(-1)
+    ids2 = neighbours.reshape(-1)
+    return ids1, ids2, dist.reshape(-1), labels[ids1] == labels[ids2]
+
+
+def class_folds(
+    labels: Sequence[int] | np.ndarray | Tensor, folds: int, *, seed: int = 0
+) -> list[np.ndarray]:
+    """`folds` boolean holdout masks over items, each holding out a disjoint seeded group of whole classes
+    (together: every class once)."""
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    if folds < 2 or len(classes) < 2 * folds:
+        raise ValueError(
+            f"{folds} folds of held-out classes need folds >= 2 and at least {2 * folds} classes; got "
+            f"{len(classes)} classes (use fewer folds)"
+        )
+    groups = np.array_split(np.random.default_rng(seed).permutation(classes), folds)
+    return [np.isin(labels, group) for group in groups]
+
+
+def _list_metrics(results) -> dict[str, float]:
+    from labkit.metrics import flatten_metrics, metrics_from_results
+
+    flat = flatten_metrics(metrics_from_results(results, cmc_k=(1,), precision_k=(5,), map_k=(5,)))
+    return {k: float(flat[k]) for k in ("cmc@1", "precision@5", "map@5")}
+
+
+class _Fold:
+    """Training lists, mined hard pairs and held-out results of one fold (tensors on the CPU)."""
+
+    def __init__(self, model, encoded, labels, holdout, list_size, top_n) -> None:
+        from labkit.retrieval import retrieve
+
+        emb = model.embeddings(encoded)
+        fit = ~holdout
+        self.queries, self.neighbours, self.dist = neighbour_lists(emb, fit, list_size)
+        q_flat = self.queries[:, None].expand_as(self.neighbours).reshape(-1)
+        raw = model.interactions(encoded[q_flat], encoded[self.neighbours.reshape(-1)], self.dist.reshape(-1))
+        self.raw = raw.reshape(*self.neighbours.shape, -1)
+        same = labels[self.neighbours] == labels[self.queries][:, None]
+        self.pair_mask = same[:, :, None] & ~same[:, None, :]  # [q, i, j]: i same label as q, j not
+        self.n_pairs = same.numel()
+        fit_ids = torch.nonzero(torch.as_tensor(fit)).squeeze(1)
+        h1, h2, self.h_negative = mine_pairs(emb[fit_ids], labels[fit_ids])
+        h1, h2 = fit_ids[h1], fit_ids[h2]
+        self.h_dist = (emb[h1] - emb[h2]).norm(dim=1)
+        self.h_raw = model.interactions(encoded[h1], encoded[h2], self.h_dist)
+        hold_ids = torch.nonzero(torch.as_tensor(holdout)).squeeze(1)
+        every = torch.ones(len(hold_ids), dtype=torch.bool)
+        self.hold_results = retrieve(emb[hold_ids], labels[hold_ids], every, every, k=max(top_n, 5))
+        self.hold_encoded = encoded[hold_ids]
+        listed = torch.cat([labels[self.queries], labels[self.neighbours].flatten()])
+        self.fit_classes = sorted(set(listed.tolist()))
+        self.holdout_classes = sorted(set(labels[hold_ids].tolist()))
+
+
+def fit_feature_reranker(
+    model: FeaturePairModel,
+    train_images: Any,
+    labels: Sequence[int] | np.ndarray,
+    *,
+    top_n: int = 5,
+    list_size: int | None = None,
+    holdout_fraction: float = 0.25,
+    epochs: int = 40,
+    lists_per_batch: int = 4096,
+    lr: float = 3e-3,
+    weight_decay: float = 1e-2,
+    hard_pair_weight: float = 0.0,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    val_results=None,
+    val_images: Any = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[FeaturePairModel, pd.DataFrame]:
+    """Train `model`'s heads on the train split, cross-fitted over held-out train classes, and keep the epoch
+    that re-ranks the held-out classes best.
+
+    `train_images`: the train split as a dataset (items with "input_tensors", evaluation transform) or an (N,
+    C, H, W) tensor; `labels` (N,) its labels. Every image is encoded once (`model.encode`). The train classes
+    are split into `model`'s n_heads folds (`class_folds`; with fewer than 2 * n_heads classes into fewer
+    folds, head i taking fold i mod n_folds; with one head or fewer than 4 classes: a `holdout_fraction` of
+    the classes held out, `split_train_classes`). Head f trains on the classes outside fold f: every item is a
+    query whose `list_size` (default 2 * top_n) nearest neighbours under the extractor form its list; the loss
+    is a pairwise ranking loss inside each list (every same-label neighbour should score below every other-
+    label one: softplus of the score gap over the lists' distance spread), plus `hard_pair_weight` (default 0:
+    on held-out train classes it made re-ranking worse) times a class-balanced binary cross-entropy on the
+    hardest positive and hardest negative of every query (`mine_pairs`) with a learned threshold. An epoch is
+    one pass over the lists in batches of `lists_per_batch` lists (default: all at once, which keeps a linear
+    head's path smooth). After every epoch each head re-ranks the top_n lists of its own held-out classes; the
+    epoch with the best mean held-out cmc@1 + map@5 is kept for all heads (epoch 0, the untrained model = the
+    baseline, included; ties go to the earlier epoch), and the model averages the heads. So every train class
+    is held out once and no choice rests on a handful of classes. With `val_results` (the extractor's
+    validation `RetrievalResults`) and `val_images`, the validation metrics of the averaged heads are recorded
+    per epoch for the plot only: they never choose anything.
+
+
+
+    History: one row per epoch (0 = before training) with `loss`, `holdout/cmc@1`, `holdout/precision@5`,
+    `holdout/map@5` (means over the folds), the validation metrics when given, and `chosen` (True on the
+    kept epoch); `history.attrs` holds `best_epoch`, `folds` (per fold: `fit_classes` its lists hold,
+    `holdout_classes`), `encode_seconds`, `train_seconds`, `n_pairs`.
+    """
+    if epochs < 0:
+        raise ValueError(f"epochs={epochs}: must be >= 0")
+    if val_results is not None and val_images is None:
+        raise ValueError("val_results given without val_images (the images those results refer to)")
+    labels_t = torch.as_tensor(np.asarray(labels)).long()
+    list_size = int(list_size or 2 * top_n)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    started = time.perf_counter()
+    all_ids = torch.arange(len(labels_t))
+    encoded = encode_items(model, train_images, all_ids, batch_size=batch_size, device=device)
+    val_encoded = None
+    if val_results is not None:
+        top = val_results.retrieved[:, :top_n]
+        ids = torch.unique(torch.cat([val_results.query_ids, top[top >= 0]]))
+        val_encoded = torch.zeros(len(val_results.labels), encoded.shape[1])
+        val_encoded[ids] = encode_items(model, val_images, ids, batch_size=batch_size, device=device)
+    encode_seconds = time.perf_counter() - started
+    n_heads = len(model.heads)
+    n_folds = min(n_heads, len(np.unique(labels_t.numpy())) // 2)
+    if n_folds < 2:
+        holdouts = [split_train_classes(labels_t.numpy(), holdout_fraction, seed=seed)[1]]
+    else:
+        holdouts = class_folds(labels_t.numpy(), n_folds, seed=seed)
+    distinct = [_Fold(model, encoded, labels_t, h, list_size, top_n) for h in holdouts]
+    folds = [distinct[i % len(distinct)] for i in range(n_heads)]  # head i trains on fold i mod n_folds
+    all_raw = torch.cat([t for f in distinct for t in (f.raw.reshape(-1, f.raw.shape[-1]), f.h_raw)])
+    model.input_mean.copy_(all_raw.mean(dim=0))
+    model.input_std.copy_(all_raw.std(dim=0).clamp(min=1e-6))
+    temperature = float(torch.cat([f.dist.reshape(-1) for f in distinct]).std().clamp(min=1e-6))
+    thresholds = [
+        nn.Parameter(torch.tensor(float(f.h_dist.median()) if len(f.h_dist) else 0.0)) for f in folds
+    ]
+    optimizers = [
+        torch.optim.AdamW([*model.heads[i].parameters(), thresholds[i]], lr=lr, weight_decay=weight_decay)
+        for i in range(n_heads)
+    ]
+
+    fixed_holdout = {id(f): _FixedLists(f.hold_results, f.hold_encoded, model, top_n) for f in distinct}
+    fixed_val = _FixedLists(val_results, val_encoded, model, top_n) if val_encoded is not None else None
+
+    def measure(epoch: int, loss: float) -> dict[str, Any]:
+        row: dict[str, Any] = {"epoch": epoch, "loss": loss}
+        model.eval()
+        held = [_list_metrics(fixed_holdout[id(f)].rerank(model, i)) for i, f in enumerate(folds)]
+        row.update({f"holdout/{k}": float(np.mean([h[k] for h in held])) for k in held[0]})
+        if fixed_val is not None:
+            row.update(_list_metrics(fixed_val.rerank(model)))
+        return row
+
+    def heads_state() -> dict[str, Tensor]:
+        return {k: v.clone() for k, v in model.state_dict().items() if k.startswith("heads.")}
+
+    history = [measure(0, float("nan"))]
+    best_score = history[0]["holdout/cmc@1"] + history[0]["holdout/map@5"]
+    best_state, best_epoch = heads_state(), 0
+    from tqdm.auto import tqdm
+
+    for epoch in tqdm(range(1, epochs + 1), desc="epochs", disable=not progress, leave=False):
+        model.train()
+        losses = []
+        for i, fold in enumerate(folds):
+            order = torch.randperm(len(fold.queries), generator=generator)
+            h_order = torch.randperm(len(fold.h_dist), generator=generator)
+            n_batches = max(1, (len(order) + lists_per_batch - 1) // lists_per_batch)
+            for b in range(n_batches):
+                rows = order[b * lists_per_batch : (b + 1) * lists_per_batch]
+                r = fold.raw[rows]
+                correction = model.correction_from_interactions(r.reshape(-1, r.shape[-1]), i)
+                scores = fold.dist[rows] + correction.view(len(rows), -1)
+                gaps = (scores[:, :, None] - scores[:, None, :]) / temperature  # pos - neg: want < 0
+                mask = fold.pair_mask[rows]
+                loss = nn.functional.softplus(gaps[mask]).mean() if mask.any() else scores.sum() * 0
+                if hard_pair_weight and len(h_order):
+                    hb = h_order[b::n_batches]
+                    h_scores = fold.h_dist[hb] + model.correction_from_interactions(fold.h_raw[hb], i)
+                    negative = fold.h_negative[hb]
+                    pos_weight = (negative.sum() / (~negative).sum().clamp(min=1)).float()
+                    bce = nn.functional.binary_cross_entropy_with_logits(
+                        (thresholds[i] - h_scores) / temperature, (~negative).float(), pos_weight=pos_weight
+                    )
+                    loss = loss + hard_pair_weight * bce
+                optimizers[i].zero_grad()
+                loss.backward()
+                optimizers[i].step()
+                losses.append(float(loss.detach()))
+        model.eval()
+        row = measure(epoch, float(np.mean(losses)))
+        history.append(row)
+        score = row["holdout/cmc@1"] + row["holdout/map@5"]
+        if score > best_score + 1e-9:
+            best_score, best_epoch, best_state = score, epoch, heads_state()
+    model.load_state_dict(best_state, strict=False)
+    model.eval()
+    frame = pd.DataFrame(history)
+    frame["chosen"] = frame["epoch"] == best_epoch
+    frame.attrs.update(
+        best_epoch=best_epoch,
+        folds=[{"fit_classes": f.fit_classes, "holdout_classes": f.holdout_classes} for f in distinct],
+        encode_seconds=encode_seconds,
+        train_seconds=time.perf_counter() - started,
+        n_pairs=int(sum(f.n_pairs + len(f.h_dist) for f in distinct)),
+    )
+    return model, frame

@@ -216,3 +216,33 @@ def test_k_reciprocal_refuses_too_many_items_with_a_clear_message():
     assert math.isfinite(
         k_reciprocal_rerank(emb, labels, is_query, is_gallery, max_items=n_items).distances[0, 0]
     )
+
+
+def test_expansion_sweep_rows_match_the_single_calls():
+    from labkit.metrics import flatten_metrics, metrics_from_results
+    from labkit.query_expansion import expansion_sweep
+
+    emb, labels, is_query, is_gallery, sequences = _data()
+    table = expansion_sweep(
+        emb, labels, is_query, is_gallery, qe_n=(1, 3), alphas=(0.0, 3.0), k_reciprocal=((5, 2, 0.3),), k=6,
+        sequence_ids=sequences,
+    )  # fmt: skip
+    assert table["method"].tolist() == [
+        "baseline", "average QE", "average QE", "alpha QE", "alpha QE", "k-reciprocal",
+    ]  # fmt: skip
+    assert table["n"].tolist()[1:5] == [1, 3, 1, 3]
+
+    def flat(results):
+        return flatten_metrics(metrics_from_results(results, cmc_k=(1,), precision_k=(5,), map_k=(5,)))
+
+    base = flat(retrieve(emb, labels, is_query, is_gallery, k=6, sequence_ids=sequences))
+    qe = flat(query_expansion(emb, labels, is_query, is_gallery, n=3, alpha=3.0, k=6, sequence_ids=sequences))
+    kr = flat(k_reciprocal_rerank(emb, labels, is_query, is_gallery, k=6, k1=5, k2=2, lambda_value=0.3,
+                                  sequence_ids=sequences))
+    assert table.loc[0, "map@5"] == pytest.approx(base["map@5"]) and table.loc[0, "delta map@5"] == 0
+    assert table.loc[4, "cmc@1"] == pytest.approx(qe["cmc@1"])
+    assert table.loc[4, "delta cmc@1"] == pytest.approx(qe["cmc@1"] - base["cmc@1"])
+    assert table.loc[5, "map@5"] == pytest.approx(kr["map@5"])
+    # too many items for k-reciprocal: its rows are left out, the QE rows stay
+    small = expansion_sweep(emb, labels, is_query, is_gallery, qe_n=(1,), alphas=(0.0,), max_items=10)
+    assert small["method"].tolist() == ["baseline", "average QE"]

@@ -293,3 +293,147 @@ def test_reporting_helpers_on_hand_built_results():
     }
     with pytest.raises(ValueError, match="cmc@k"):
         method_summary(after, seconds=0, columns=("recall@1",))
+
+
+# ------------------------------------------------------------------------------------ feature pair model
+def _feature_setup(figures_df):
+    from labkit.data import train_dataset, validation_dataset
+
+    extractor = _tiny_extractor().eval()
+    train = train_dataset(figures_df, extractor.transforms())
+    valid = validation_dataset(figures_df, extractor.transforms())
+    train_images = torch.stack([train[i]["input_tensors"] for i in range(len(train))])
+    valid_images = torch.stack([valid[i]["input_tensors"] for i in range(len(valid))])
+    with torch.no_grad():
+        emb = extractor(valid_images)
+    results = retrieve(emb, valid.labels, valid.is_query, valid.is_gallery, k=8)
+    return extractor, train, train_images, valid_images, results
+
+
+def test_feature_model_encodes_the_extractor_embedding_and_is_symmetric():
+    from labkit.rerank import FeaturePairModel
+
+    extractor = _tiny_extractor().eval()
+    model = FeaturePairModel(extractor, n_stages=2)
+    images = torch.rand(3, 3, 32, 32)
+    encoded = model.encode(images)
+    torch.testing.assert_close(model.embeddings(encoded), extractor(images), atol=1e-6, rtol=1e-5)
+    a, b = torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)
+    ea, eb = model.encode(a), model.encode(b)
+    d = (model.embeddings(ea) - model.embeddings(eb)).norm(dim=1)
+    torch.testing.assert_close(model.interactions(ea, eb, d), model.interactions(eb, ea, d))
+    # the untrained head corrects nothing
+    assert torch.equal(model.score(ea, eb, d), d)
+
+
+def test_untrained_feature_reranker_returns_exactly_the_baseline(figures_df):
+    from labkit.rerank import FeaturePairModel
+
+    extractor, _, _, valid_images, results = _feature_setup(figures_df)
+    model = FeaturePairModel(extractor, n_stages=2)
+    out = PairwiseReranker(5, model, batch_size=16).rerank(results, valid_images)
+    assert torch.equal(out.retrieved, results.retrieved)
+    assert torch.equal(out.distances, results.distances)
+    assert torch.equal(out.relevant, results.relevant)
+
+
+def test_feature_reranker_never_touches_ranks_beyond_top_n(figures_df):
+    from labkit.rerank import FeaturePairModel
+
+    extractor, _, _, valid_images, results = _feature_setup(figures_df)
+    torch.manual_seed(1)
+    model = FeaturePairModel(extractor, n_stages=2, n_heads=1)
+    torch.nn.init.normal_(model.heads[0][-1].weight, std=100.0)  # a correction that changes the order a lot
+    out = PairwiseReranker(3, model).rerank(results, valid_images)
+    assert torch.equal(out.retrieved[:, 3:], results.retrieved[:, 3:])
+    assert torch.equal(out.retrieved[:, :3].sort(1).values, results.retrieved[:, :3].sort(1).values)
+    assert not torch.equal(out.retrieved[:, :3], results.retrieved[:, :3])
+    assert bool((out.distances[:, 1:] >= out.distances[:, :-1]).all())
+
+
+def test_split_train_classes_and_class_folds_are_class_disjoint_and_seeded():
+    from labkit.rerank import class_folds, split_train_classes
+
+    labels = np.repeat(np.arange(10), 3)
+    fit, holdout = split_train_classes(labels, 0.25, seed=3)
+    assert not set(labels[fit]) & set(labels[holdout])
+    assert len(set(labels[holdout])) == 2 and fit.sum() + holdout.sum() == len(labels)
+    again = split_train_classes(labels, 0.25, seed=3)
+    assert np.array_equal(again[1], holdout)
+    with pytest.raises(ValueError, match="at least 4 classes"):
+        split_train_classes([0, 0, 1, 1, 2], 0.25)
+    folds = class_folds(labels, 3, seed=0)
+    held = [set(labels[f]) for f in folds]
+    assert [len(h) for h in held] == [4, 3, 3] and set().union(*held) == set(range(10))
+    assert not (held[0] & held[1] or held[0] & held[2] or held[1] & held[2])
+    with pytest.raises(ValueError, match="fewer folds"):
+        class_folds(labels, 6)
+
+
+def test_neighbour_pairs_hand_case_hold_both_labels():
+    from labkit.rerank import neighbour_pairs
+
+    emb = torch.tensor([[0.0], [1.0], [3.0], [10.0], [2.0]])
+    labels = [0, 0, 1, 1, 0]
+    mask = np.array([True, True, True, False, True])  # item 3 is left out
+    ids1, ids2, dist, same = neighbour_pairs(emb, labels, mask, 2)
+    pairs = list(zip(ids1.tolist(), ids2.tolist(), same.tolist(), strict=True))
+    # nearest two among {0, 1, 2, 4}: 0 -> 1, 4; 1 -> 0, 4 (tie with 2 broken by item order: 0 first);
+    # 2 -> 4, 1; 4 -> 1, 2
+    assert pairs == [
+        (0, 1, True), (0, 4, True), (1, 0, True), (1, 4, True), (2, 4, False), (2, 1, False),
+        (4, 1, True), (4, 2, False),
+    ]  # fmt: skip
+    assert dist.tolist() == [1.0, 2.0, 1.0, 1.0, 1.0, 2.0, 1.0, 1.0]
+    assert same.any() and (~same).any()
+
+
+def test_fit_feature_reranker_trains_on_fit_classes_only_and_reloads_identically(figures_df, tmp_path):
+    from labkit.rerank import FeaturePairModel, fit_feature_reranker
+
+    extractor, train, train_images, valid_images, results = _feature_setup(figures_df)
+    model = FeaturePairModel(extractor, n_stages=2)
+    model, history = fit_feature_reranker(
+        model, train_images, train.labels, top_n=3, epochs=3, seed=0,
+        val_results=results, val_images=valid_images,
+    )  # fmt: skip
+    assert list(history["epoch"]) == [0, 1, 2, 3]
+    assert int(history["chosen"].sum()) == 1
+    assert history.loc[history["chosen"], "epoch"].item() == history.attrs["best_epoch"]
+    # 4 train classes, 4 heads: 2 folds of 2 held-out classes each, every class held out once
+    folds = history.attrs["folds"]
+    assert len(folds) == 2 and len(model.heads) == 4
+    for fold in folds:
+        fit_classes, holdout_classes = set(fold["fit_classes"]), set(fold["holdout_classes"])
+        assert len(holdout_classes) == 2 and not fit_classes & holdout_classes
+        assert fit_classes | holdout_classes == set(np.unique(train.labels).tolist())
+    assert sorted(c for f in folds for c in f["holdout_classes"]) == sorted(np.unique(train.labels).tolist())
+    # epoch 0 is the baseline: the validation metrics of the results as they are
+    flat = flatten_metrics(metrics_from_results(results, cmc_k=(1,), precision_k=(5,), map_k=(5,)))
+    assert history.loc[0, "cmc@1"] == pytest.approx(flat["cmc@1"])
+    # make the heads non-trivial, so that equality after reloading means something
+    for head in model.heads:
+        torch.nn.init.normal_(head[-1].weight, std=100.0)
+    path = save_pairwise(model, tmp_path / "features.pt")
+    loaded = load_pairwise(path)
+    assert type(loaded) is FeaturePairModel and loaded.config == model.config
+    a = PairwiseReranker(5, model).rerank(results, valid_images)
+    b = PairwiseReranker(5, loaded).rerank(results, valid_images)
+    assert torch.equal(a.retrieved, b.retrieved) and torch.equal(a.distances, b.distances)
+    assert not torch.equal(a.retrieved, results.retrieved)
+
+
+def test_most_changed_query_can_prefer_improved_queries():
+    labels = torch.tensor([0, 0, 1, 0, 1, 1])
+    before = RetrievalResults(
+        distances=torch.tensor([[0.1, 0.2, 0.3], [0.1, 0.2, 0.3]]),
+        retrieved=torch.tensor([[2, 1, 3], [5, 4, 1]]),
+        query_ids=torch.tensor([0, 2]),
+        relevant=torch.tensor([[False, True, True], [True, True, False]]),
+        n_relevant=torch.tensor([2, 2]),
+        labels=labels,
+    )
+    # query 0 improves with 2 changes; query 2 gets worse with 3 changes
+    after = before.reordered(torch.tensor([[1, 2, 3], [1, 5, 4]]), before.distances)
+    assert most_changed_query(before, after, k=3) == 1
+    assert most_changed_query(before, after, k=3, improved=True) == 0
