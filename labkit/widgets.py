@@ -126,7 +126,35 @@ def _scroll_box(child: Any) -> Any:
     return w.Box([child], layout=w.Layout(overflow="auto", max_width="100%", width="100%"))
 
 
-class ResultBrowser:
+class _Panel:
+    """What every panel shares: `display()` (live widgets with a front end, else the static view; see
+    `show_panel`) and the ipywidgets box built on first use. Subclasses give `figure`, `mimebundle`,
+    `_build_ui` (a dict holding the "box") and `_sync_ui`."""
+
+    _ui: dict[str, Any] | None = None
+
+    def display(self) -> Any:
+        """Show the panel: live widgets with a front end, else the static current view.
+
+        Returns the widget box, or the static figure (also displayed when running inside IPython).
+        """
+        return show_panel(self)
+
+    show = display
+
+    def _ipython_display_(self) -> None:
+        self.display()
+
+    @property
+    def widget(self) -> Any:
+        """The ipywidgets box (built on first use)."""
+        if self._ui is None:
+            self._ui = self._build_ui()
+            self._sync_ui()
+        return self._ui["box"]
+
+
+class ResultBrowser(_Panel):
     """Browse the queries of a RetrievalResults: each query beside its top-k, framed by relevance.
 
     `df` holds the items in embedding order (see `labkit.viz`); `metrics_per_query` maps metric names to
@@ -319,26 +347,6 @@ class ResultBrowser:
         """The live widget's display data plus a PNG snapshot of the current view (see `show_panel`)."""
         return _bundle_with_snapshot(self.widget, self._png()[0], "result browser")
 
-    def display(self) -> Any:
-        """Show the browser: live widgets with a front end, else the static current view.
-
-        Returns the widget box, or the static figure (also displayed when running inside IPython).
-        """
-        return show_panel(self)
-
-    show = display
-
-    def _ipython_display_(self) -> None:
-        self.display()
-
-    @property
-    def widget(self) -> Any:
-        """The ipywidgets box (built on first use)."""
-        if self._ui is None:
-            self._ui = self._build_ui()
-            self._sync_ui()
-        return self._ui["box"]
-
     def _png(self) -> tuple[bytes, int]:
         """The current view as PNG bytes and its width in pixels (tiles of `tile_px`, never scaled)."""
         return _figure_png_at_tile(self.figure(), self._k, self.tile_px)
@@ -478,7 +486,7 @@ class ResultBrowser:
 # Live search over an embedding store
 
 
-class SearchPanel:
+class SearchPanel(_Panel):
     """Search an embedding store interactively: a stored item, an uploaded image or an image path as query.
 
     Uses only the store's public API (`EmbeddingStore.load`, `search_stored`, `search_images`,
@@ -647,22 +655,6 @@ class SearchPanel:
 
     def mimebundle(self) -> dict[str, Any]:
         return _bundle_with_snapshot(self.widget, self._png()[0], "search panel")
-
-    def display(self) -> Any:
-        """Live widgets with a front end, else the static figure of the current search."""
-        return show_panel(self)
-
-    show = display
-
-    def _ipython_display_(self) -> None:
-        self.display()
-
-    @property
-    def widget(self) -> Any:
-        if self._ui is None:
-            self._ui = self._build_ui()
-            self._sync_ui()
-        return self._ui["box"]
 
     def close(self) -> None:
         """Close the store connection the panel opened itself (not one it was given)."""
@@ -872,7 +864,7 @@ def project_2d(embeddings: Any, method: str = "pca", *, seed: int = 0) -> np.nda
     return np.asarray(umap.UMAP(n_components=2, random_state=seed).fit_transform(x))  # pragma: no cover
 
 
-class EmbeddingMap:
+class EmbeddingMap(_Panel):
     """A 2D map of embeddings (PCA by default; t-SNE / UMAP when installed) to click through.
 
     `embeddings` (N, D) and `df` (the N items in embedding order, as for `ResultBrowser`). Selecting an item
@@ -1104,21 +1096,6 @@ class EmbeddingMap:
 
     def mimebundle(self) -> dict[str, Any]:
         return _bundle_with_snapshot(self.widget, viz.figure_png(self.figure()), "embedding map")
-
-    def display(self) -> Any:
-        return show_panel(self)
-
-    show = display
-
-    def _ipython_display_(self) -> None:
-        self.display()
-
-    @property
-    def widget(self) -> Any:
-        if self._ui is None:
-            self._ui = self._build_ui()
-            self._sync_ui()
-        return self._ui["box"]
 
     # -- internals --------------------------------------------------------------------------------
 
