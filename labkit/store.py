@@ -1391,15 +1391,3 @@ def open_store_for(
     except BaseException:
         store.close()
         raise
-
-
-# Run-folder glue and drawing live in labkit.run_store; these names stay importable from here.
-_MOVED = {"fill_from_run", "as_retrieval_results", "draw_search_results", "VALIDATION_EMBEDDINGS"}
-
-
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        from labkit import run_store
-
-        return getattr(run_store, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

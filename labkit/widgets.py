@@ -490,7 +490,7 @@ class SearchPanel(_Panel):
     """Search an embedding store interactively: a stored item, an uploaded image or an image path as query.
 
     Uses only the store's public API (`EmbeddingStore.load`, `search_stored`, `search_images`,
-    `store.as_retrieval_results`): the same calls a script makes. `db` is an open `EmbeddingStore` or the
+    `run_store.as_retrieval_results`): the same calls a script makes. `db` is an open `EmbeddingStore` or the
     path of a store file (then the panel opens its own read-only connection, so closing the notebook's
     connection does not stop it). `extractor` (the model that made the store) is needed for images that are
     not stored; uploaded images are written to `upload_dir` (named by their content, never overwriting).
@@ -621,12 +621,12 @@ class SearchPanel(_Panel):
 
     def figure(self) -> viz.Figure:
         """The query (blue) and its top-k, green when a result has the query's label."""
-        from labkit import store
+        from labkit import run_store
 
         results = self.results
         kind, path = self._query
         label = self._query_label()
-        retrieval, items = store.as_retrieval_results(results, query_paths=[path], query_labels=[label])
+        retrieval, items = run_store.as_retrieval_results(results, query_paths=[path], query_labels=[label])
         names = [self._names.get(p, lab) for p, lab in zip(items["path"], items["label"], strict=True)]
         if label is None:
             names[0] = "new image"

@@ -523,7 +523,6 @@ def test_search_results_as_retrieval_results_and_figure(store):
     store.add(model_id, vectors, items)
     results = store.search_stored([items["path"][0], items["path"][6]], model=model_id, k=3)
     retrieval, shown = run_store.as_retrieval_results(results)
-    assert store_module.as_retrieval_results is run_store.as_retrieval_results  # the old name still works
     assert retrieval.query_ids.tolist() == [0, 1]
     assert shown["path"].tolist()[:2] == [items["path"][0], items["path"][6]]
     assert shown["path"].tolist()[2:] == results["path"].tolist()
