@@ -16,7 +16,12 @@ spread (the larger of the gain's std and the re-ranked metric's std; "NO" when i
 re-ranker's training time (wall and CPU seconds, extractor encoding included) against the extractor's, and
 re-ranking ms per query (encoding the queries' and results' images included).
 
+`--select` instead compares the re-ranker settings of `CANDIDATES` on held-out TRAIN classes only (outer class
+folds of the train split, see `select_one`) and prints their gains per seed and a selection table; `--setting
+NAME` validates one of them.
+
     .venv/bin/python benchmarks/rerank.py [--datasets figures photo-quadrants] [--seeds 0 1 2]
+    .venv/bin/python benchmarks/rerank.py --select [--candidates default "top 10"]
 """
 
 from __future__ import annotations
