@@ -16,7 +16,12 @@ spread (the larger of the gain's std and the re-ranked metric's std; "NO" when i
 re-ranker's training time (wall and CPU seconds, extractor encoding included) against the extractor's, and
 re-ranking ms per query (encoding the queries' and results' images included).
 
+`--select` instead compares the re-ranker settings of `CANDIDATES` on held-out TRAIN classes only (outer class
+folds of the train split, see `select_one`) and prints their gains per seed and a selection table; `--setting
+NAME` validates one of them.
+
     .venv/bin/python benchmarks/rerank.py [--datasets figures photo-quadrants] [--seeds 0 1 2]
+    .venv/bin/python benchmarks/rerank.py --select [--candidates default "top 10"]
 """
 
 from __future__ import annotations
@@ -61,7 +66,87 @@ def images_of(dataset) -> torch.Tensor:
     return torch.stack([dataset[i]["input_tensors"] for i in range(len(dataset))])
 
 
-def run_one(name: str, df: pd.DataFrame, seed: int, top_n: int, extractor_seed: int | None = None) -> dict:
+# Re-ranker settings compared by --select on held-out TRAIN classes only ({} = the library defaults).
+# Keys: FeaturePairModel's n_heads; fit_feature_reranker's top_n, list_size, epochs, hard_pair_weight.
+CANDIDATES: dict[str, dict] = {
+    "default": {},
+    "list 20": {"list_size": 20},
+    "80 epochs": {"epochs": 80},
+    "8 heads": {"n_heads": 8},
+    "hard pairs 0.5": {"hard_pair_weight": 0.5},
+    "top 10": {"top_n": 10},
+    "top 10, list 40": {"top_n": 10, "list_size": 40},
+    "top 10, 80 epochs": {"top_n": 10, "epochs": 80},
+    "top 10, 8 heads": {"top_n": 10, "n_heads": 8},
+}
+
+
+def fit_setting(extractor, images, labels, setting: dict, seed: int):
+    """The feature re-ranker trained with `setting` on (images, labels): (model, top_n, history)."""
+    setting = dict(setting)
+    n_heads = setting.pop("n_heads", None)
+    model = rerank.FeaturePairModel(extractor, **({"n_heads": n_heads} if n_heads else {}))
+    model, history = rerank.fit_feature_reranker(model, images, labels, seed=seed, **setting)
+    return model, int(setting.get("top_n", 5)), history
+
+
+def select_one(name: str, df: pd.DataFrame, seed: int, candidates: dict[str, dict], outer_folds: int = 4
+               ) -> list[dict]:
+    """Held-out-train scores of every candidate, by outer cross-validation over the TRAIN classes: they form
+    `outer_folds` seeded class folds (not those the fit cross-fits over inside: those choose its epoch);
+    for each, a candidate is fitted on the other folds and re-ranks retrieval among the held-out classes
+    (each item a query against all the others). Gains are averaged over the outer folds."""
+    extractor, _ = trained_extractor(name, df, seed)
+    extractor.eval()
+    train_set = data.train_dataset(df, extractor.transforms(train=False))
+    images, labels = images_of(train_set), torch.as_tensor(train_set.labels).long()
+    with torch.no_grad():
+        emb = torch.cat([extractor(images[i : i + 256]) for i in range(0, len(images), 256)])
+    outer = []
+    for held in rerank.class_folds(labels.numpy(), outer_folds, seed=1000 + seed):
+        held_ids = torch.nonzero(torch.as_tensor(held)).squeeze(1)
+        every = torch.ones(len(held_ids), dtype=torch.bool)
+        baseline = retrieval.retrieve(emb[held_ids], labels[held_ids], every, every, k=10)
+        outer.append((~torch.as_tensor(held), held_ids, baseline))
+    rows = []
+    for label, setting in candidates.items():
+        gains, bases = [], []
+        for fit, held_ids, baseline in outer:
+            torch.manual_seed(seed)
+            model, top_n, _ = fit_setting(extractor, images[fit], labels[fit], setting, seed)
+            reranked = rerank.PairwiseReranker(top_n, model).rerank(baseline, images[held_ids])
+            new = rerank.method_summary(reranked, seconds=0, columns=METRICS)
+            base = rerank.method_summary(baseline, seconds=0, columns=METRICS)
+            gains.append({m: new[m] - base[m] for m in METRICS})
+            bases.append(base)
+        row = {"dataset": name, "seed": seed, "candidate": label}
+        row.update({f"gain {m}": float(sum(g[m] for g in gains) / len(gains)) for m in METRICS})
+        row.update({f"baseline {m}": float(sum(b[m] for b in bases) / len(bases)) for m in METRICS})
+        rows.append(row)
+        print(pd.DataFrame([row]).round(4).to_string(index=False, header=len(rows) == 1), flush=True)
+    return rows
+
+
+def selection_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per candidate and dataset: mean ± std over seeds of the held-out-train gains, and the criterion: the
+    smallest, over datasets and {cmc@1, map@5}, of mean gain - 2 x std (the 2x-spread test, on train)."""
+    out = []
+    for label, group in rows.groupby("candidate", sort=False):
+        row: dict = {"candidate": label}
+        lows = []
+        for name, g in group.groupby("dataset", sort=False):
+            for m in ("cmc@1", "map@5", "precision@5"):
+                gain = g[f"gain {m}"]
+                row[f"{name} {m}"] = f"{gain.mean():+.4f} ± {gain.std(ddof=1):.4f}"
+                if m != "precision@5":
+                    lows.append(gain.mean() - 2 * gain.std(ddof=1))
+        row["min(mean - 2 std)"] = round(min(lows), 4)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def run_one(name: str, df: pd.DataFrame, seed: int, top_n: int, extractor_seed: int | None = None,
+            setting: dict | None = None) -> dict:
     extractor_seed = seed if extractor_seed is None else extractor_seed
     extractor, timing = trained_extractor(name, df, extractor_seed)
     extractor.eval()
@@ -76,9 +161,9 @@ def run_one(name: str, df: pd.DataFrame, seed: int, top_n: int, extractor_seed: 
     )
     torch.manual_seed(seed)
     wall, cpu = time.perf_counter(), time.process_time()
-    model = rerank.FeaturePairModel(extractor)
-    model, history = rerank.fit_feature_reranker(model, images_of(train_set), train_set.labels, top_n=top_n,
-                                                 seed=seed)
+    setting = {"top_n": top_n} if setting is None else setting
+    labels = torch.as_tensor(train_set.labels).long()
+    model, top_n, history = fit_setting(extractor, images_of(train_set), labels, setting, seed)
     fit_wall, fit_cpu = time.perf_counter() - wall, time.process_time() - cpu
     reranker = rerank.PairwiseReranker(top_n, model)
     started = time.perf_counter()
@@ -135,14 +220,33 @@ def main(argv: list[str] | None = None) -> int:
         help="datasets whose seeds change the re-ranker's training only (one extractor, seed 0): "
         "a cheaper, weaker test, labelled as such in the table",
     )
+    parser.add_argument(
+        "--select", action="store_true",
+        help="compare the CANDIDATES on held-out train classes (no validation class is read) and stop",
+    )
+    parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), help="with --select")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--setting", default="", help="validate this CANDIDATES entry instead of --top-n")
     args = parser.parse_args(argv)
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
+    pd.set_option("display.width", 250)
+    if args.select:
+        chosen = {k: CANDIDATES[k] for k in args.candidates}
+        picked = [r for n in args.datasets for s in args.seeds
+                  for r in select_one(n, data.load_dataset(dataset_source(n), seed=0), s, chosen)]
+        frame = pd.DataFrame(picked)
+        if args.csv:
+            frame.to_csv(args.csv, index=False)
+        print("\nheld-out TRAIN classes: gain of the re-ranked over the extractor, mean ± std over seeds")
+        print(selection_table(frame).to_string(index=False))
+        return 0
+    setting = CANDIDATES[args.setting] if args.setting else None
     rows = []
     for name in args.datasets:
         df = data.load_dataset(dataset_source(name), seed=0)
         for seed in args.seeds:
             fixed = 0 if name in args.fixed_extractor else None
-            rows.append(run_one(name, df, seed, args.top_n, extractor_seed=fixed))
+            rows.append(run_one(name, df, seed, args.top_n, extractor_seed=fixed, setting=setting))
             print(pd.DataFrame([rows[-1]]).round(4).to_string(index=False), flush=True)
     runs = pd.DataFrame(rows)
     if args.csv:
