@@ -10,6 +10,8 @@ RUN_ARGS ?=
 # `make lab` opens working copies of the notebooks in runs/lab/ (outside git); LAB_DIR=notebooks opens the originals.
 LAB_DIR ?= runs/lab
 LAB_STAMP := $(VENV)/.labkit-lab
+# JupyterLab refuses to run as root (containers, these machines) without --allow-root; add more with LAB_ARGS=...
+LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root)
 
 .PHONY: env run test lint lab clean-venv
 
@@ -50,7 +52,7 @@ lab: $(LAB_STAMP)
 		done; \
 		echo "working copies in runs/lab/ (your edits and outputs stay there, notebooks/ stays clean)"; \
 	fi
-	$(PY) -m jupyterlab --ServerApp.root_dir="$(CURDIR)" --LabApp.default_url="/lab/tree/$(LAB_DIR)"
+	$(PY) -m jupyterlab --ServerApp.root_dir="$(CURDIR)" --LabApp.default_url="/lab/tree/$(LAB_DIR)" $(LAB_ARGS)
 
 lint: env
 	$(PY) -m ruff check labkit tests benchmarks notebooks
