@@ -132,6 +132,12 @@ class _Panel:
     `_build_ui` (a dict holding the "box") and `_sync_ui`."""
 
     _ui: dict[str, Any] | None = None
+    _syncing = False  # True while `_sync_ui` writes state into the controls: their callbacks then do nothing
+
+    def _from_ui(self, change: Any) -> None:
+        """Run a control's callback unless the change came from `_sync_ui` itself."""
+        if not self._syncing:
+            change()
 
     def display(self) -> Any:
         """Show the panel: live widgets with a front end, else the static current view.
@@ -454,10 +460,6 @@ class ResultBrowser(_Panel):
             ]
         )
         return ui
-
-    def _from_ui(self, change: Any) -> None:
-        if not self._syncing:
-            change()
 
     def _sync_ui(self) -> None:
         ui = self._ui
@@ -1209,10 +1211,6 @@ class EmbeddingMap(_Panel):
         )
         self._drawn: dict[str, Any] = {}
         return ui
-
-    def _from_ui(self, change: Any) -> None:
-        if not self._syncing:
-            change()
 
     def _sync_ui(self) -> None:
         ui = self._ui
