@@ -67,7 +67,7 @@ def images_of(dataset) -> torch.Tensor:
 
 
 # Re-ranker settings compared by --select on held-out TRAIN classes only ({} = the library defaults).
-# Keys: FeaturePairModel's n_heads; fit_feature_reranker's top_n, list_size, epochs, hard_pair_weight.
+# Keys: FeaturePairModel's n_heads, views; fit_feature_reranker's top_n, list_size, epochs, hard_pair_weight.
 CANDIDATES: dict[str, dict] = {
     "default": {},
     "list 20": {"list_size": 20},
@@ -78,14 +78,22 @@ CANDIDATES: dict[str, dict] = {
     "top 10, list 40": {"top_n": 10, "list_size": 40},
     "top 10, 80 epochs": {"top_n": 10, "epochs": 80},
     "top 10, 8 heads": {"top_n": 10, "n_heads": 8},
+    "views 2": {"views": 2},
+    "views 4": {"views": 4},
+    "views 8": {"views": 8},
+    "elementwise": {"elementwise": True},
+    "elementwise, mlp 32": {"elementwise": True, "hidden_dims": [32]},
 }
+
+
+MODEL_KEYS = ("n_heads", "views", "elementwise", "hidden_dims")
 
 
 def fit_setting(extractor, images, labels, setting: dict, seed: int):
     """The feature re-ranker trained with `setting` on (images, labels): (model, top_n, history)."""
     setting = dict(setting)
-    n_heads = setting.pop("n_heads", None)
-    model = rerank.FeaturePairModel(extractor, **({"n_heads": n_heads} if n_heads else {}))
+    model_keys = {k: setting.pop(k) for k in MODEL_KEYS if k in setting}
+    model = rerank.FeaturePairModel(extractor, **model_keys)
     model, history = rerank.fit_feature_reranker(model, images, labels, seed=seed, **setting)
     return model, int(setting.get("top_n", 5)), history
 

@@ -698,6 +698,17 @@ def _cosine(a: Tensor, b: Tensor) -> Tensor:
     return nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8)
 
 
+# view number -> (quarter turns, mirrored): the dihedral group of the square; `views` = how many are used
+_VIEW_ORDER = {1: (0,), 2: (0, 4), 4: (0, 1, 2, 3), 8: (0, 1, 2, 3, 4, 5, 6, 7)}
+
+
+def _view(images: Tensor, view: int) -> Tensor:
+    """View `view` (0-7) of (B, C, H, W) images: mirrored left-right when view >= 4, then turned view % 4
+    quarter turns."""
+    x = torch.flip(images, dims=(-1,)) if view >= 4 else images
+    return torch.rot90(x, k=view % 4, dims=(-2, -1)) if view % 4 else x
+
+
 class FeaturePairModel(nn.Module):
     """A learned correction of the extractor's distance: score(a, b) = distance(a, b) + head(interactions).
 
@@ -708,6 +719,10 @@ class FeaturePairModel(nn.Module):
     max-pooled features, and the spatial correlation of the two maps (mean over locations of the best
     matching location's cosine, both ways, and the mean cosine over all location pairs); with
     `elementwise=True` also |a - b| and a * b of the last stage's pooled features; and the distance itself.
+    With `views` > 1 every image is also embedded turned and/or mirrored (2: mirrored; 4: the four quarter
+    turns; 8: both), and two more interactions compare the pair across views: the cosine of the view-averaged
+    embeddings and the best cosine between one image as it is and any view of the other (both ways, averaged)
+    — a geometric check that a plain embedding distance does not make.
     They are standardised (statistics set by `fit_feature_reranker`) and fed to the head: one linear layer
     (`hidden_dims=()`, the default: a learned weighting of the similarities, which transfers to new classes
     better than an MLP did on held-out train classes) or an MLP. Its last layer is zero-initialised: the
@@ -726,10 +741,13 @@ class FeaturePairModel(nn.Module):
         dropout: float = 0.0,
         elementwise: bool = False,
         n_heads: int = 4,
+        views: int = 1,
     ) -> None:
         super().__init__()
         if int(n_heads) < 1:
             raise ValueError(f"n_heads must be >= 1; got {n_heads}")
+        if int(views) not in _VIEW_ORDER:
+            raise ValueError(f"views must be one of {sorted(_VIEW_ORDER)} (1: no extra views); got {views!r}")
         if getattr(extractor, "backbone_name", None) is None:
             raise ValueError(
                 "FeaturePairModel needs a labkit Extractor (labkit.models.load_extractor or "
@@ -741,12 +759,21 @@ class FeaturePairModel(nn.Module):
             )
         self.extractor = extractor.eval().requires_grad_(False)
         self.n_stages, self.map_side, self.elementwise = int(n_stages), int(map_side), bool(elementwise)
+        self.views = int(views)
         self.data_config = dict(extractor.data_config)
+        side = self.data_config["input_size"][-2:]
+        if self.views > 2 and side[0] != side[1]:
+            raise ValueError(
+                f"views={views} turns images, which needs square inputs; got {tuple(side)} (use views 1 or 2)"
+            )
         with torch.no_grad():
             probe = self._parts(torch.zeros(1, *self.data_config["input_size"]))
-        self.shapes = [tuple(p.shape[1:]) for p in probe]  # embedding (D,), then stage maps (C, h, w)
+        # embedding (D,), stage maps (C, h, w), then the other views' embeddings (views - 1, D)
+        self.shapes = [tuple(p.shape[1:]) for p in probe]
+        self.n_maps = len(self.shapes) - 1 - (self.views > 1)
         self.sizes = [int(np.prod(s)) for s in self.shapes]
-        n_inputs = 1 + 2 + 5 * (len(self.shapes) - 1) + (2 * self.shapes[-1][0] if elementwise else 0)
+        n_inputs = 1 + 2 + 5 * self.n_maps + (2 * self.shapes[self.n_maps][0] if elementwise else 0)
+        n_inputs += 2 if self.views > 1 else 0
         dims = [n_inputs, *hidden_dims]
 
         def make_head() -> nn.Sequential:
@@ -768,6 +795,7 @@ class FeaturePairModel(nn.Module):
             "dropout": dropout,
             "elementwise": self.elementwise,
             "n_heads": int(n_heads),
+            "views": self.views,
         }
 
     @property
@@ -795,7 +823,11 @@ class FeaturePairModel(nn.Module):
             features = extractor.projection(features)
         if extractor.normalize:
             features = nn.functional.normalize(features, p=2, dim=1)
-        return [features, *(_pool_map(m, self.map_side) for m in maps)]
+        parts = [features, *(_pool_map(m, self.map_side) for m in maps)]
+        if self.views > 1:
+            others = [extractor(_view(images, v)) for v in _VIEW_ORDER[self.views][1:]]
+            parts.append(torch.stack(others, dim=1))
+        return parts
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
@@ -820,7 +852,8 @@ class FeaturePairModel(nn.Module):
         parts1, parts2 = self._split(encoded1), self._split(encoded2)
         d = distances.float()[:, None]
         columns = [d, _cosine(parts1[0], parts2[0])[:, None], d * d]
-        for m1, m2 in zip(parts1[1:], parts2[1:], strict=True):
+        maps = 1 + self.n_maps
+        for m1, m2 in zip(parts1[1:maps], parts2[1:maps], strict=True):
             a1, a2 = m1.mean(dim=(2, 3)), m2.mean(dim=(2, 3))
             x1, x2 = m1.amax(dim=(2, 3)), m2.amax(dim=(2, 3))
             l1 = nn.functional.normalize(m1.flatten(2), dim=1)  # (P, C, L) unit vector per location
@@ -836,8 +869,14 @@ class FeaturePairModel(nn.Module):
                 aligned[:, None],
             ]
         if self.elementwise:
-            a1, a2 = parts1[-1].mean(dim=(2, 3)), parts2[-1].mean(dim=(2, 3))
+            a1, a2 = parts1[maps - 1].mean(dim=(2, 3)), parts2[maps - 1].mean(dim=(2, 3))
             columns += [(a1 - a2).abs(), a1 * a2]
+        if self.views > 1:
+            v1 = nn.functional.normalize(torch.cat([parts1[0][:, None], parts1[-1]], dim=1), dim=2)
+            v2 = nn.functional.normalize(torch.cat([parts2[0][:, None], parts2[-1]], dim=1), dim=2)
+            across = v1 @ v2.transpose(1, 2)  # (P, V, V): view i of the first against view j of the second
+            best = 0.5 * (across[:, 0, :].amax(dim=1) + across[:, :, 0].amax(dim=1))
+            columns += [_cosine(v1.mean(dim=1), v2.mean(dim=1))[:, None], best[:, None]]
         return torch.cat(columns, dim=1)
 
     def correction_from_interactions(self, raw: Tensor, head: int | None = None) -> Tensor:

@@ -326,6 +326,33 @@ def test_feature_model_encodes_the_extractor_embedding_and_is_symmetric():
     assert torch.equal(model.score(ea, eb, d), d)
 
 
+def test_feature_model_views_compare_turned_and_mirrored_images(tmp_path):
+    from labkit.rerank import FeaturePairModel
+
+    extractor = _tiny_extractor().eval()
+    with pytest.raises(ValueError, match="views must be one of"):
+        FeaturePairModel(extractor, n_stages=2, views=3)
+    plain, model = FeaturePairModel(extractor, n_stages=2), FeaturePairModel(extractor, n_stages=2, views=8)
+    assert model.n_inputs == plain.n_inputs + 2
+    a = torch.rand(2, 3, 32, 32)
+    b = torch.stack([torch.rot90(a[0], 1, dims=(-2, -1)), torch.flip(a[1], dims=(-1,))])
+    ea, eb = model.encode(a), model.encode(b)
+    torch.testing.assert_close(model.embeddings(ea), extractor(a), atol=1e-6, rtol=1e-5)
+    d = (model.embeddings(ea) - model.embeddings(eb)).norm(dim=1)
+    raw = model.interactions(ea, eb, d)
+    torch.testing.assert_close(raw, model.interactions(eb, ea, d))
+    # b is a turned / mirrored copy of a: some view of one matches the other exactly, so the best cosine
+    # across views is 1, and the view-averaged embeddings (the same set of views) coincide
+    torch.testing.assert_close(raw[:, -1], torch.ones(2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(raw[:, -2], torch.ones(2), atol=1e-5, rtol=0)
+    assert bool((raw[:, 1] < 0.9999).all())  # while the plain embeddings differ
+    assert torch.equal(model.score(ea, eb, d), d)  # untrained: no correction
+    torch.nn.init.normal_(model.heads[0][-1].weight, std=1.0)
+    loaded = load_pairwise(save_pairwise(model, tmp_path / "views.pt"))
+    assert loaded.config["views"] == 8
+    assert torch.equal(loaded(a, b), model(a, b))
+
+
 def test_untrained_feature_reranker_returns_exactly_the_baseline(figures_df):
     from labkit.rerank import FeaturePairModel
 
