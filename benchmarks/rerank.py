@@ -98,8 +98,9 @@ def fit_setting(extractor, images, labels, setting: dict, seed: int):
     return model, int(setting.get("top_n", 5)), history
 
 
-def select_one(name: str, df: pd.DataFrame, seed: int, candidates: dict[str, dict], outer_folds: int = 4
-               ) -> list[dict]:
+def select_one(
+    name: str, df: pd.DataFrame, seed: int, candidates: dict[str, dict], outer_folds: int = 4
+) -> list[dict]:
     """Held-out-train scores of every candidate, by outer cross-validation over the TRAIN classes: they form
     `outer_folds` seeded class folds (not those the fit cross-fits over inside: those choose its epoch);
     for each, a candidate is fitted on the other folds and re-ranks retrieval among the held-out classes
@@ -153,8 +154,14 @@ def selection_table(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def run_one(name: str, df: pd.DataFrame, seed: int, top_n: int, extractor_seed: int | None = None,
-            setting: dict | None = None) -> dict:
+def run_one(
+    name: str,
+    df: pd.DataFrame,
+    seed: int,
+    top_n: int,
+    extractor_seed: int | None = None,
+    setting: dict | None = None,
+) -> dict:
     extractor_seed = seed if extractor_seed is None else extractor_seed
     extractor, timing = trained_extractor(name, df, extractor_seed)
     extractor.eval()
@@ -224,12 +231,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-n", type=int, default=5)
     parser.add_argument("--csv", default="", help="also write the per-run rows to this CSV")
     parser.add_argument(
-        "--fixed-extractor", nargs="*", default=[], metavar="DATASET",
+        "--fixed-extractor",
+        nargs="*",
+        default=[],
+        metavar="DATASET",
         help="datasets whose seeds change the re-ranker's training only (one extractor, seed 0): "
         "a cheaper, weaker test, labelled as such in the table",
     )
     parser.add_argument(
-        "--select", action="store_true",
+        "--select",
+        action="store_true",
         help="compare the CANDIDATES on held-out train classes (no validation class is read) and stop",
     )
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), help="with --select")
@@ -240,8 +251,12 @@ def main(argv: list[str] | None = None) -> int:
     pd.set_option("display.width", 250)
     if args.select:
         chosen = {k: CANDIDATES[k] for k in args.candidates}
-        picked = [r for n in args.datasets for s in args.seeds
-                  for r in select_one(n, data.load_dataset(dataset_source(n), seed=0), s, chosen)]
+        picked = [
+            r
+            for n in args.datasets
+            for s in args.seeds
+            for r in select_one(n, data.load_dataset(dataset_source(n), seed=0), s, chosen)
+        ]
         frame = pd.DataFrame(picked)
         if args.csv:
             frame.to_csv(args.csv, index=False)

@@ -351,19 +351,43 @@ def expansion_sweep(
                 *args, n=n, alpha=alpha, k=k, db_augmentation=db_augmentation, sequence_ids=sequence_ids
             )
             name = ("alpha QE" if alpha else "average QE") + (" + DBA" if db_augmentation else "")
-            rows.append({"method": name, "n": n, "alpha": alpha, **metrics(out),
-                         "seconds": time.perf_counter() - started})
+            rows.append(
+                {
+                    "method": name,
+                    "n": n,
+                    "alpha": alpha,
+                    **metrics(out),
+                    "seconds": time.perf_counter() - started,
+                }
+            )
     for k1, k2, lambda_value in k_reciprocal:
         started = time.perf_counter()
         try:
-            out = k_reciprocal_rerank(*args, k=k, k1=k1, k2=k2, lambda_value=lambda_value,
-                                      sequence_ids=sequence_ids, max_items=max_items)
+            out = k_reciprocal_rerank(
+                *args,
+                k=k,
+                k1=k1,
+                k2=k2,
+                lambda_value=lambda_value,
+                sequence_ids=sequence_ids,
+                max_items=max_items,
+            )
         except RerankSizeError:
             continue
-        rows.append({"method": "k-reciprocal", "k1": k1, "k2": k2, "lambda": lambda_value, **metrics(out),
-                     "seconds": time.perf_counter() - started})
-    table = pd.DataFrame(rows, columns=["method", "n", "alpha", "k1", "k2", "lambda", "cmc@1", "precision@5",
-                                        "map@5", "seconds"])
+        rows.append(
+            {
+                "method": "k-reciprocal",
+                "k1": k1,
+                "k2": k2,
+                "lambda": lambda_value,
+                **metrics(out),
+                "seconds": time.perf_counter() - started,
+            }
+        )
+    table = pd.DataFrame(
+        rows,
+        columns=["method", "n", "alpha", "k1", "k2", "lambda", "cmc@1", "precision@5", "map@5", "seconds"],
+    )
     for column in ("cmc@1", "map@5"):
         delta = table[column] - table[column].iloc[0]
         table.insert(table.columns.get_loc(column) + 1, f"delta {column}", delta)

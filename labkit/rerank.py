@@ -933,7 +933,12 @@ def _rerank_scores(results, scores: Tensor, n: int):
 
 @torch.no_grad()
 def rerank_encoded(
-    results, encoded: Tensor, model: FeaturePairModel, top_n: int, *, batch_size: int = 4096,
+    results,
+    encoded: Tensor,
+    model: FeaturePairModel,
+    top_n: int,
+    *,
+    batch_size: int = 4096,
     head: int | None = None,
 ):
     """`results` with each query's top_n re-ordered by `model.score` from encoded items (row i = item i;
@@ -947,8 +952,12 @@ def rerank_encoded(
     model.eval()
     try:
         out = [
-            model.score(encoded[queries[at : at + batch_size]], encoded[items[at : at + batch_size]],
-                        base[at : at + batch_size], head)
+            model.score(
+                encoded[queries[at : at + batch_size]],
+                encoded[items[at : at + batch_size]],
+                base[at : at + batch_size],
+                head,
+            )
             for at in range(0, len(items), batch_size)
         ]
     finally:
@@ -999,9 +1008,7 @@ def split_train_classes(
     return ~holdout, holdout
 
 
-def neighbour_lists(
-    embeddings: Tensor, mask: np.ndarray | Tensor, n: int
-) -> tuple[Tensor, Tensor, Tensor]:
+def neighbour_lists(embeddings: Tensor, mask: np.ndarray | Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
     """For every item of `mask`: its `n` nearest other items of `mask` by Euclidean distance, as
     `(query_ids (Q,), neighbour_ids (Q, n'), distances (Q, n'))` with n' = min(n, |mask| - 1); ties keep
     item order."""

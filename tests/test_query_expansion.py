@@ -237,8 +237,11 @@ def test_expansion_sweep_rows_match_the_single_calls():
 
     base = flat(retrieve(emb, labels, is_query, is_gallery, k=6, sequence_ids=sequences))
     qe = flat(query_expansion(emb, labels, is_query, is_gallery, n=3, alpha=3.0, k=6, sequence_ids=sequences))
-    kr = flat(k_reciprocal_rerank(emb, labels, is_query, is_gallery, k=6, k1=5, k2=2, lambda_value=0.3,
-                                  sequence_ids=sequences))
+    kr = flat(
+        k_reciprocal_rerank(
+            emb, labels, is_query, is_gallery, k=6, k1=5, k2=2, lambda_value=0.3, sequence_ids=sequences
+        )
+    )
     assert table.loc[0, "map@5"] == pytest.approx(base["map@5"]) and table.loc[0, "delta map@5"] == 0
     assert table.loc[4, "cmc@1"] == pytest.approx(qe["cmc@1"])
     assert table.loc[4, "delta cmc@1"] == pytest.approx(qe["cmc@1"] - base["cmc@1"])
