@@ -67,7 +67,7 @@ def images_of(dataset) -> torch.Tensor:
 
 
 # Re-ranker settings compared by --select on held-out TRAIN classes only ({} = the library defaults).
-# Keys: FeaturePairModel's n_heads, views; fit_feature_reranker's top_n, list_size, epochs, hard_pair_weight.
+# Keys: FeaturePairModel's (MODEL_KEYS); fit_feature_reranker's top_n, list_size, epochs, hard_pair_weight.
 CANDIDATES: dict[str, dict] = {
     "default": {},
     "list 20": {"list_size": 20},

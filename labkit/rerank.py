@@ -698,7 +698,7 @@ def _cosine(a: Tensor, b: Tensor) -> Tensor:
     return nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8)
 
 
-# view number -> (quarter turns, mirrored): the dihedral group of the square; `views` = how many are used
+# `views` -> the view numbers used (see `_view`; 0 = the image as it is): subsets of the square's 8 symmetries
 _VIEW_ORDER = {1: (0,), 2: (0, 4), 4: (0, 1, 2, 3), 8: (0, 1, 2, 3, 4, 5, 6, 7)}
 
 
