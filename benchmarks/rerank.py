@@ -1,11 +1,11 @@
-"""Re-ranking benchmark: baseline retrieval vs the default feature re-ranker of 04, over seeds and datasets.
+"""Re-ranking benchmark: baseline retrieval vs the default re-ranker of 04, over seeds and datasets.
 
 For every dataset and seed: the extractor is trained with `labkit.training.train`'s defaults (the 01 job;
 cached under `data/rerank_bench/<dataset>/seed<seed>/` so later runs reuse it), the validation split is
-searched (baseline), and the default re-ranker of `04_rerank` (`labkit.rerank.FeaturePairModel` +
-`fit_feature_reranker`, top_n 5) is trained on the train split and re-ranks the baseline. The seed changes
-the extractor's training and the re-ranker's (held-out classes, batches); the datasets' class splits stay
-those of seed 0. Nothing here looks at the validation classes to choose anything.
+searched (baseline), and the default re-ranker of `04_rerank` (`labkit.rerank.TunedPairModel` +
+`fit_tuned_reranker`, top_n 5: setting "tuned") is trained on the train split and re-ranks the baseline. The
+seed changes the extractor's training and the re-ranker's (lists, batches, augmentation); the datasets' class
+splits stay those of seed 0. Nothing here looks at the validation classes to choose anything.
 
 Datasets: "figures" (the embedded default) and "photo-quadrants", real photographs built by
 `benchmarks/real_images.py` (run it first) and imported with the folder importer.
@@ -14,14 +14,23 @@ Printed: per dataset, baseline and re-ranked cmc@1 / map@5 / precision@5 as mean
 per-seed gain (re-ranked - baseline) as mean ± std, whether the mean gain exceeds twice the seed-to-seed
 spread (the larger of the gain's std and the re-ranked metric's std; "NO" when it does not), the
 re-ranker's training time (wall and CPU seconds, extractor encoding included) against the extractor's, and
-re-ranking ms per query (encoding the queries' and results' images included).
+re-ranking ms per query (encoding the queries' and results' images included). `--setting NAME` validates
+another entry of `CANDIDATES` (e.g. "features": the frozen-backbone `FeaturePairModel`).
 
-`--select` instead compares the re-ranker settings of `CANDIDATES` on held-out TRAIN classes only (outer class
-folds of the train split, see `select_one`) and prints their gains per seed and a selection table; `--setting
-NAME` validates one of them.
+Choosing settings, on TRAIN classes only:
+- `--select` compares the `CANDIDATES` on held-out train classes (outer class folds of the train split, see
+  `select_one`; the extractor has seen those classes);
+- `--select-tuned` does the same for the fine-tuned model's grid (`TUNED_EPOCHS` x `TUNED_WEIGHTS`);
+- `--select-nested` compares the "features" re-ranker with that grid on one class fold of the train
+  split that the extractor never saw either (an extractor is trained on the other train classes, see
+  `select_nested`), which is how the validation classes stand.
+Each prints the gains per seed and a selection table whose last column is the rule: mean gain - 2 x std over
+seeds, the smallest over datasets and {cmc@1, map@5}.
 
     .venv/bin/python benchmarks/rerank.py [--datasets figures photo-quadrants] [--seeds 0 1 2]
-    .venv/bin/python benchmarks/rerank.py --select [--candidates default "top 10"]
+    .venv/bin/python benchmarks/rerank.py --setting features
+    .venv/bin/python benchmarks/rerank.py --select [--candidates features "top 10"]
+    .venv/bin/python benchmarks/rerank.py --select-nested
 """
 
 from __future__ import annotations
@@ -69,7 +78,7 @@ def images_of(dataset) -> torch.Tensor:
 # Re-ranker settings compared by --select on held-out TRAIN classes only ({} = the library defaults).
 # Keys: FeaturePairModel's (MODEL_KEYS); fit_feature_reranker's top_n, list_size, epochs, hard_pair_weight.
 CANDIDATES: dict[str, dict] = {
-    "default": {},
+    "features": {},  # FeaturePairModel + fit_feature_reranker with their defaults (04's "features")
     "list 20": {"list_size": 20},
     "80 epochs": {"epochs": 80},
     "8 heads": {"n_heads": 8},
@@ -83,19 +92,44 @@ CANDIDATES: dict[str, dict] = {
     "views 8": {"views": 8},
     "elementwise": {"elementwise": True},
     "elementwise, mlp 32": {"elementwise": True, "hidden_dims": [32]},
+    "tuned": {"model": "tuned"},  # TunedPairModel + fit_tuned_reranker with their defaults
 }
 
 
 MODEL_KEYS = ("n_heads", "views", "elementwise", "hidden_dims")
+# The fine-tuned pair model's grid, compared by --select-tuned from one training run per fold: "tuned eE wW" =
+# TunedPairModel(weight=W) after E epochs of fit_tuned_reranker (10 steps each).
+TUNED_EPOCHS = (3, 6, 9)
+TUNED_WEIGHTS = (0.5, 1.0, 2.0)
 
 
 def fit_setting(extractor, images, labels, setting: dict, seed: int):
-    """The feature re-ranker trained with `setting` on (images, labels): (model, top_n, history)."""
+    """The re-ranker trained with `setting` on (images, labels): (model, top_n, history). Setting "model":
+    "tuned" gives a `TunedPairModel` (key "weight") fitted by `fit_tuned_reranker`; else FeaturePairModel."""
     setting = dict(setting)
+    if setting.pop("model", "features") == "tuned":
+        model = rerank.TunedPairModel(extractor, weight=setting.pop("weight", 1.0))
+        model, history = rerank.fit_tuned_reranker(model, images, labels, seed=seed, **setting)
+        return model, int(setting.get("top_n", 5)), history
     model_keys = {k: setting.pop(k) for k in MODEL_KEYS if k in setting}
     model = rerank.FeaturePairModel(extractor, **model_keys)
     model, history = rerank.fit_feature_reranker(model, images, labels, seed=seed, **setting)
     return model, int(setting.get("top_n", 5)), history
+
+
+def embed(extractor, images: torch.Tensor) -> torch.Tensor:
+    """The extractor's embeddings of an (N, C, H, W) tensor, in batches of 256."""
+    with torch.no_grad():
+        return torch.cat([extractor(images[i : i + 256]) for i in range(0, len(images), 256)])
+
+
+def train_inputs(name: str, df: pd.DataFrame, seed: int):
+    """(extractor in eval mode, train images, train labels, their embeddings) of (dataset, seed)."""
+    extractor, _ = trained_extractor(name, df, seed)
+    extractor.eval()
+    train_set = data.train_dataset(df, extractor.transforms(train=False))
+    images, labels = images_of(train_set), torch.as_tensor(train_set.labels).long()
+    return extractor, images, labels, embed(extractor, images)
 
 
 def select_one(
@@ -105,12 +139,7 @@ def select_one(
     `outer_folds` seeded class folds (not those the fit cross-fits over inside: those choose its epoch);
     for each, a candidate is fitted on the other folds and re-ranks retrieval among the held-out classes
     (each item a query against all the others). Gains are averaged over the outer folds."""
-    extractor, _ = trained_extractor(name, df, seed)
-    extractor.eval()
-    train_set = data.train_dataset(df, extractor.transforms(train=False))
-    images, labels = images_of(train_set), torch.as_tensor(train_set.labels).long()
-    with torch.no_grad():
-        emb = torch.cat([extractor(images[i : i + 256]) for i in range(0, len(images), 256)])
+    extractor, images, labels, emb = train_inputs(name, df, seed)
     outer = []
     for held in rerank.class_folds(labels.numpy(), outer_folds, seed=1000 + seed):
         held_ids = torch.nonzero(torch.as_tensor(held)).squeeze(1)
@@ -136,6 +165,106 @@ def select_one(
     return rows
 
 
+def select_tuned(name: str, df: pd.DataFrame, seed: int, outer_folds: int = 4) -> list[dict]:
+    """`select_one` for the TunedPairModel grid (TUNED_EPOCHS x TUNED_WEIGHTS): per outer fold of the train
+    classes, one fine-tuning run on the other folds, measured after each epoch of the grid and each weight."""
+    extractor, images, labels, emb = train_inputs(name, df, seed)
+    gains: dict[str, list[dict]] = {}
+    bases = []
+    for held in rerank.class_folds(labels.numpy(), outer_folds, seed=1000 + seed):
+        held_t = torch.as_tensor(held)
+        held_ids = torch.nonzero(held_t).squeeze(1)
+        every = torch.ones(len(held_ids), dtype=torch.bool)
+        baseline = retrieval.retrieve(emb[held_ids], labels[held_ids], every, every, k=10)
+        base = rerank.method_summary(baseline, seconds=0, columns=METRICS)
+        bases.append(base)
+
+        def measure(epoch: int, model, baseline=baseline, base=base, held_ids=held_ids) -> None:
+            if epoch not in TUNED_EPOCHS:
+                return
+            encoded = rerank.encode_items(model, images[held_ids], torch.arange(len(held_ids)))
+            for weight in TUNED_WEIGHTS:
+                model.weight = weight
+                new = rerank.method_summary(
+                    rerank.rerank_encoded(baseline, encoded, model, 5), seconds=0, columns=METRICS
+                )
+                gains.setdefault(f"tuned e{epoch} w{weight:g}", []).append(
+                    {m: new[m] - base[m] for m in METRICS}
+                )
+            model.weight = 1.0
+
+        torch.manual_seed(seed)
+        model = rerank.TunedPairModel(extractor)
+        rerank.fit_tuned_reranker(
+            model, images[~held_t], labels[~held_t], epochs=max(TUNED_EPOCHS), seed=seed, on_epoch=measure
+        )
+    rows = []
+    for label, per_fold in gains.items():
+        row = {"dataset": name, "seed": seed, "candidate": label}
+        row.update({f"gain {m}": float(sum(g[m] for g in per_fold) / len(per_fold)) for m in METRICS})
+        row.update({f"baseline {m}": float(sum(b[m] for b in bases) / len(bases)) for m in METRICS})
+        rows.append(row)
+    print(pd.DataFrame(rows).round(4).to_string(index=False), flush=True)
+    return rows
+
+
+def nested_frame(df: pd.DataFrame, seed: int) -> pd.DataFrame:
+    """The train split alone, with one seeded class fold of it (`class_folds(..., 4, seed=1000 + seed)[0]`)
+    turned into the validation split (every item query and gallery): classes that neither the extractor
+    nor the re-ranker trains on, as the real validation classes."""
+    inner = df[df["split"] == "train"].copy()
+    held = rerank.class_folds(inner["label"].to_numpy(), 4, seed=1000 + seed)[0]
+    inner.loc[held, "split"] = "validation"
+    inner.loc[held, "is_query"] = True
+    inner.loc[held, "is_gallery"] = True
+    return inner.reset_index(drop=True)
+
+
+def select_nested(name: str, df: pd.DataFrame, seed: int) -> list[dict]:
+    """Held-out-train scores with held-out classes unseen by the extractor too (`nested_frame`): an
+    extractor is trained with the 01 defaults on the other train classes (cached as `<name>-nested`), then the
+    "features" re-ranker and the TunedPairModel grid (one fit, measured after each epoch of TUNED_EPOCHS and
+    each weight of TUNED_WEIGHTS) re-rank its retrieval among the held-out classes."""
+    inner = nested_frame(df, seed)
+    extractor, _ = trained_extractor(f"{name}-nested", inner, seed)
+    extractor.eval()
+    train_set = data.train_dataset(inner, extractor.transforms(train=False))
+    held = data.validation_dataset(inner, extractor.transforms(train=False))
+    images, labels = images_of(train_set), torch.as_tensor(train_set.labels).long()
+    held_images = images_of(held)
+    emb = embed(extractor, held_images)
+    baseline = retrieval.retrieve(emb, held.labels, held.is_query, held.is_gallery, k=10)
+    base = rerank.method_summary(baseline, seconds=0, columns=METRICS)
+    rows = []
+
+    def add(label: str, results) -> None:
+        new = rerank.method_summary(results, seconds=0, columns=METRICS)
+        row = {"dataset": name, "seed": seed, "candidate": label}
+        row.update({f"gain {m}": new[m] - base[m] for m in METRICS})
+        row.update({f"baseline {m}": base[m] for m in METRICS})
+        rows.append(row)
+
+    torch.manual_seed(seed)
+    model, top_n, _ = fit_setting(extractor, images, labels, CANDIDATES["features"], seed)
+    add("features", rerank.PairwiseReranker(top_n, model).rerank(baseline, held_images))
+
+    def measure(epoch: int, model) -> None:
+        if epoch in TUNED_EPOCHS:
+            for weight in TUNED_WEIGHTS:
+                model.weight = weight
+                add(
+                    f"tuned e{epoch} w{weight:g}",
+                    rerank.PairwiseReranker(5, model).rerank(baseline, held_images),
+                )
+            model.weight = 1.0
+
+    torch.manual_seed(seed)
+    tuned = rerank.TunedPairModel(extractor)
+    rerank.fit_tuned_reranker(tuned, images, labels, epochs=max(TUNED_EPOCHS), seed=seed, on_epoch=measure)
+    print(pd.DataFrame(rows).round(4).to_string(index=False), flush=True)
+    return rows
+
+
 def selection_table(rows: pd.DataFrame) -> pd.DataFrame:
     """Per candidate and dataset: mean ± std over seeds of the held-out-train gains, and the criterion: the
     smallest, over datasets and {cmc@1, map@5}, of mean gain - 2 x std (the 2x-spread test, on train)."""
@@ -158,25 +287,22 @@ def run_one(
     name: str,
     df: pd.DataFrame,
     seed: int,
-    top_n: int,
+    setting: dict,
     extractor_seed: int | None = None,
-    setting: dict | None = None,
 ) -> dict:
+    """Baseline and `setting`'s re-ranking of (dataset, seed)'s validation split, with costs: one row."""
     extractor_seed = seed if extractor_seed is None else extractor_seed
     extractor, timing = trained_extractor(name, df, extractor_seed)
     extractor.eval()
     train_set = data.train_dataset(df, extractor.transforms(train=False))
     valid = data.validation_dataset(df, extractor.transforms(train=False))
     valid_images = images_of(valid)
-    with torch.no_grad():
-        chunks = [extractor(valid_images[i : i + 256]) for i in range(0, len(valid_images), 256)]
-    embeddings = torch.cat(chunks)
+    embeddings = embed(extractor, valid_images)
     baseline = retrieval.retrieve(
         embeddings, valid.labels, valid.is_query, valid.is_gallery, k=10, sequence_ids=valid.sequences
     )
     torch.manual_seed(seed)
     wall, cpu = time.perf_counter(), time.process_time()
-    setting = {"top_n": top_n} if setting is None else setting
     labels = torch.as_tensor(train_set.labels).long()
     model, top_n, history = fit_setting(extractor, images_of(train_set), labels, setting, seed)
     fit_wall, fit_cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -228,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--datasets", nargs="+", default=["figures", "photo-quadrants"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--top-n", type=int, default=5)
+    parser.add_argument("--top-n", type=int, default=None, help="override the setting's top_n (default 5)")
     parser.add_argument("--csv", default="", help="also write the per-run rows to this CSV")
     parser.add_argument(
         "--fixed-extractor",
@@ -244,18 +370,34 @@ def main(argv: list[str] | None = None) -> int:
         help="compare the CANDIDATES on held-out train classes (no validation class is read) and stop",
     )
     parser.add_argument("--candidates", nargs="+", default=list(CANDIDATES), help="with --select")
+    parser.add_argument(
+        "--select-nested",
+        action="store_true",
+        help="default vs the fine-tuned grid on a held-out train fold that the extractor never saw either",
+    )
+    parser.add_argument(
+        "--select-tuned",
+        action="store_true",
+        help="--select for the fine-tuned pair model's grid (TUNED_EPOCHS x TUNED_WEIGHTS) and stop",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--setting", default="", help="validate this CANDIDATES entry instead of --top-n")
+    parser.add_argument("--setting", default="tuned", help="the CANDIDATES entry validated (04's default)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pd.set_option("display.width", 250)
-    if args.select:
+    if args.select or args.select_tuned or args.select_nested:
         chosen = {k: CANDIDATES[k] for k in args.candidates}
         picked = [
             r
             for n in args.datasets
             for s in args.seeds
-            for r in select_one(n, data.load_dataset(dataset_source(n), seed=0), s, chosen)
+            for r in (
+                select_nested(n, data.load_dataset(dataset_source(n), seed=0), s)
+                if args.select_nested
+                else select_tuned(n, data.load_dataset(dataset_source(n), seed=0), s)
+                if args.select_tuned
+                else select_one(n, data.load_dataset(dataset_source(n), seed=0), s, chosen)
+            )
         ]
         frame = pd.DataFrame(picked)
         if args.csv:
@@ -263,13 +405,17 @@ def main(argv: list[str] | None = None) -> int:
         print("\nheld-out TRAIN classes: gain of the re-ranked over the extractor, mean ± std over seeds")
         print(selection_table(frame).to_string(index=False))
         return 0
-    setting = CANDIDATES[args.setting] if args.setting else None
+    if args.setting not in CANDIDATES:
+        raise SystemExit(f"error: --setting {args.setting!r} is not one of {sorted(CANDIDATES)}")
+    setting = dict(CANDIDATES[args.setting])
+    if args.top_n is not None:
+        setting["top_n"] = args.top_n
     rows = []
     for name in args.datasets:
         df = data.load_dataset(dataset_source(name), seed=0)
         for seed in args.seeds:
             fixed = 0 if name in args.fixed_extractor else None
-            rows.append(run_one(name, df, seed, args.top_n, extractor_seed=fixed, setting=setting))
+            rows.append(run_one(name, df, seed, setting, extractor_seed=fixed))
             print(pd.DataFrame([rows[-1]]).round(4).to_string(index=False), flush=True)
     runs = pd.DataFrame(rows)
     if args.csv:

@@ -1,6 +1,17 @@
 """Second-stage retrieval: pairwise re-rankers of each query's first results.
 
-The default (04's `pair_model = "features"`):
+The default (04's `pair_model = "tuned"`):
+- `TunedPairModel`: score = the extractor's distance + weight x the distance under a copy of the extractor
+  whose whole backbone is fine-tuned; the copy starts identical, so the untrained model reproduces the
+  baseline order.
+- `fit_tuned_reranker`: fine-tunes the copy on the extractor's own confusions among the train classes (each
+  train image's nearest train neighbours under the extractor; hinge ranking loss inside each list plus a
+  batch-all triplet loss, the extractor's training augmentation) for a fixed number of steps chosen once on
+  held-out train classes (`benchmarks/rerank.py --select-nested`). Cost: `epochs * steps_per_epoch` forward
+  and backward passes of about `queries_per_step * (1 + list_size)` images, plus one encoding of the train
+  split.
+
+A frozen-backbone alternative (04's `pair_model = "features"`):
 - `FeaturePairModel`: both images through the trained extractor (one shared, frozen backbone); the pair's
   interactions (cosines of the embedding and of the pooled maps of the last backbone stages, spatial
   correlation of those maps, the distance) feed a head whose last layer starts at zero. Score = original
@@ -241,17 +252,20 @@ def _plain(value: Any) -> Any:
 
 
 def save_pairwise(
-    model: PairwiseModel | FeaturePairModel, path: str | os.PathLike, *, overwrite: bool = False
+    model: PairwiseModel | FeaturePairModel | TunedPairModel,
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
 ) -> Path:
-    """Save config + weights (a `FeaturePairModel`: its extractor's too) to `path`; refuses to replace an
-    existing file unless overwrite=True."""
+    """Save config + weights (a `FeaturePairModel` or `TunedPairModel`: its extractor's too) to `path`;
+    refuses to replace an existing file unless overwrite=True."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it, or choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(model, FeaturePairModel):
+    if isinstance(model, (FeaturePairModel, TunedPairModel)):
         payload = {
-            "kind": "labkit.FeaturePairModel",
+            "kind": f"labkit.{type(model).__name__}",
             "config": model.config,
             "extractor_config": model.extractor.config,
             "state_dict": model.state_dict(),
@@ -262,19 +276,22 @@ def save_pairwise(
     return path
 
 
-def load_pairwise(path: str | os.PathLike) -> PairwiseModel | FeaturePairModel:
-    """A `PairwiseModel` or `FeaturePairModel` saved by `save_pairwise`, in eval mode for the latter."""
+def load_pairwise(path: str | os.PathLike) -> PairwiseModel | FeaturePairModel | TunedPairModel:
+    """A `PairwiseModel`, `FeaturePairModel` or `TunedPairModel` saved by `save_pairwise` (the latter two in
+    eval mode)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"no pairwise model at {path}; train one with rerank.fit_feature_reranker or train_pairwise"
+            f"no pairwise model at {path}; train one with rerank.fit_tuned_reranker, fit_feature_reranker "
+            "or train_pairwise"
         )
     data = torch.load(path, map_location="cpu", weights_only=False)
     kind = data.get("kind") if isinstance(data, dict) else None
-    if kind == "labkit.FeaturePairModel":
+    if kind in ("labkit.FeaturePairModel", "labkit.TunedPairModel"):
         from labkit.models import create_extractor
 
-        model = FeaturePairModel(create_extractor(**data["extractor_config"]), **data["config"])
+        kind_class = FeaturePairModel if kind == "labkit.FeaturePairModel" else TunedPairModel
+        model = kind_class(create_extractor(**data["extractor_config"]), **data["config"])
         model.load_state_dict(data["state_dict"])
         return model.eval()
     if kind != "labkit.PairwiseModel":
@@ -349,7 +366,7 @@ class PairwiseReranker:
         `dataset_or_images`: a dataset whose item i is item id i of the results (items with
         "input_tensors", transformed for the model) or an (N, C, H, W) tensor."""
         started = time.perf_counter()
-        if isinstance(self.model, FeaturePairModel):
+        if isinstance(self.model, (FeaturePairModel, TunedPairModel)):
             return self._rerank_features(results, dataset_or_images, started)
         retrieved, distances = results.retrieved, results.distances
         n = min(self.top_n, retrieved.shape[1])
@@ -373,8 +390,8 @@ class PairwiseReranker:
         return results.reordered(torch.cat([new_top, rest], dim=1), new_dist)
 
     def _rerank_features(self, results, images: Any, started: float):
-        """A `FeaturePairModel`: every item among the queries and their top_n is encoded once, then each
-        pair is scored as distance + correction (the results' own distances)."""
+        """A `FeaturePairModel` or `TunedPairModel`: every item among the queries and their top_n is encoded
+        once, then each pair is scored as distance + correction (the results' own distances)."""
         n = min(self.top_n, results.retrieved.shape[1])
         top = results.retrieved[:, :n]
         ids = torch.unique(torch.cat([results.query_ids, top[top >= 0]]))
@@ -1235,5 +1252,213 @@ def fit_feature_reranker(
         encode_seconds=encode_seconds,
         train_seconds=time.perf_counter() - started,
         n_pairs=int(sum(f.n_pairs + len(f.h_dist) for f in distinct)),
+    )
+    return model, frame
+
+
+# ------------------------------------------------------------------------------------ fine-tuned pair model
+class TunedPairModel(nn.Module):
+    """score(a, b) = distance(a, b) + weight * tuned distance(a, b): the extractor's distance plus that of a
+    copy of the extractor fine-tuned (whole backbone) on the extractor's own confusions.
+
+    `extractor` stays frozen; `tuned` starts as an exact copy, so the untrained model scores every pair
+    (1 + weight) * distance and re-ranking with it reproduces the baseline order exactly. `fit_tuned_reranker`
+    trains `tuned`. Both embeddings of an image are encoded once (one flat vector: extractor's, then tuned's),
+    so a gallery is encoded once; scoring a pair is one subtraction. Same interface as `FeaturePairModel`
+    (`encode`, `embeddings`, `score`, `sizes`), so `PairwiseReranker`, `rerank_encoded`, `save_pairwise`
+    and `load_pairwise` take either.
+    """
+
+    def __init__(self, extractor: nn.Module, *, weight: float = 1.0) -> None:
+        super().__init__()
+        if getattr(extractor, "backbone_name", None) is None:
+            raise ValueError(
+                "TunedPairModel needs a labkit Extractor (labkit.models.load_extractor or "
+                f"create_extractor); got {type(extractor).__name__}"
+            )
+        if not float(weight) >= 0:
+            raise ValueError(f"weight must be >= 0 (0: the baseline distance alone); got {weight!r}")
+        import copy
+
+        self.extractor = extractor.eval().requires_grad_(False)
+        self.tuned = copy.deepcopy(self.extractor).requires_grad_(True)
+        self.weight = float(weight)
+        self.data_config = dict(extractor.data_config)
+        with torch.no_grad():
+            dim = int(self.extractor(torch.zeros(1, *self.data_config["input_size"])).shape[1])
+        self.sizes = [dim, dim]
+        self.config = {"weight": self.weight}
+
+    def train(self, mode: bool = True) -> TunedPairModel:
+        super().train(mode)
+        self.extractor.eval()  # frozen: batch-norm statistics never change
+        return self
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """(B, 2 D): the extractor's embedding, then the tuned copy's."""
+        was_training = self.training
+        self.eval()
+        try:
+            return torch.cat([self.extractor(images), self.tuned(images)], dim=1)
+        finally:
+            self.train(was_training)
+
+    def embeddings(self, encoded: Tensor) -> Tensor:
+        """The extractor's embeddings inside encoded vectors."""
+        return encoded[:, : self.sizes[0]]
+
+    def tuned_distances(self, encoded1: Tensor, encoded2: Tensor) -> Tensor:
+        d = self.sizes[0]
+        return (encoded1[:, d:] - encoded2[:, d:]).norm(dim=1)
+
+    def score(self, encoded1: Tensor, encoded2: Tensor, distances: Tensor, head: int | None = None) -> Tensor:
+        """(P,) `distances` + weight * the tuned copy's distances of encoded pairs (`head` is ignored)."""
+        return distances.float() + self.weight * self.tuned_distances(encoded1, encoded2)
+
+    def forward(self, images1: Tensor, images2: Tensor, distances: Tensor | None = None) -> Tensor:
+        """(B,) scores of image pairs (`distances` default: the extractor's Euclidean one)."""
+        e1, e2 = self.encode(images1), self.encode(images2)
+        if distances is None:
+            distances = (self.embeddings(e1) - self.embeddings(e2)).norm(dim=1)
+        return self.score(e1, e2, distances)
+
+    def transforms(self, train: bool = False):
+        return self.extractor.transforms(train=train)
+
+
+def _tensor_augmentation(data_config: dict):
+    """The extractor's training augmentation (`labkit.data.make_transforms`: a mild random resized crop and
+    a horizontal flip, no colour change) on one normalised (C, H, W) tensor."""
+    import torchvision.transforms.v2 as T
+
+    side = tuple(data_config["input_size"][-2:])
+    crop = T.RandomResizedCrop(side, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True)
+    return T.Compose([crop, T.RandomHorizontalFlip()])
+
+
+def fit_tuned_reranker(
+    model: TunedPairModel,
+    train_images: Any,
+    labels: Sequence[int] | np.ndarray,
+    *,
+    top_n: int = 5,
+    list_size: int | None = None,
+    epochs: int = 9,
+    steps_per_epoch: int = 10,
+    queries_per_step: int = 8,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    margin: float = 0.2,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    val_results=None,
+    val_images: Any = None,
+    on_epoch: Any = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[TunedPairModel, pd.DataFrame]:
+    """Fine-tune `model.tuned` (the whole backbone) on the extractor's confusions among the train classes.
+
+    `train_images`: the train split as a dataset (items with "input_tensors", evaluation transform) or an (N,
+    C, H, W) tensor; `labels` (N,) its labels. Every train image is a query whose `list_size` (default 2 *
+    top_n) nearest other train images under the frozen extractor form its list — the lists re-ranking will
+    face. Every step takes `queries_per_step` lists, augments their images (`_tensor_augmentation`), and
+    minimises, with the tuned copy's distances, a hinge ranking loss inside each list (every same-label
+    neighbour nearer than every other-label one by `margin`) plus a batch-all triplet loss over the step's
+    images (keeps the embedding's overall structure). An epoch is `steps_per_epoch` steps; all `epochs` are
+    run and the last state is kept. The default length (`epochs`) and `TunedPairModel`'s weight were chosen
+    once on a class fold of the train split that neither the extractor nor this model trained on
+    (`benchmarks/rerank.py --select-nested`); `queries_per_step`, `lr` and the losses on a separate
+    development draw of "figures". Early stopping on a slice of one run's train classes proved too noisy to
+    pick an epoch.
+
+    With `val_results` (the extractor's validation `RetrievalResults`) and `val_images`, every epoch re-ranks
+    the validation top_n for the history plot only: nothing is chosen by them. `on_epoch(epoch, model)` is
+    called after every epoch (0 = before training; e.g. to measure held-out classes).
+
+    History: one row per epoch (0 = untrained = the baseline) with `step`, `loss` (mean over the epoch's
+    steps), the validation metrics when given, and `chosen` (True on the last epoch); `history.attrs` holds
+    `best_epoch` (the last), `encode_seconds`, `train_seconds`, `n_lists`.
+    """
+    if epochs < 0 or steps_per_epoch < 1 or queries_per_step < 1:
+        raise ValueError(
+            f"epochs must be >= 0, steps_per_epoch and queries_per_step >= 1; got epochs={epochs}, "
+            f"steps_per_epoch={steps_per_epoch}, queries_per_step={queries_per_step}"
+        )
+    if val_results is not None and val_images is None:
+        raise ValueError("val_results given without val_images (the images those results refer to)")
+    labels_t = torch.as_tensor(np.asarray(labels)).long()
+    if len(np.unique(labels_t.numpy())) < 2:
+        raise ValueError("fit_tuned_reranker needs at least 2 train classes (lists need other-label items)")
+    list_size = int(list_size or 2 * top_n)
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    started = time.perf_counter()
+    all_ids = torch.arange(len(labels_t))
+    encoded = encode_items(model, train_images, all_ids, batch_size=batch_size, device=device)
+    every = np.ones(len(labels_t), dtype=bool)
+    queries, neighbours, _ = neighbour_lists(model.embeddings(encoded), every, list_size)
+    same = labels_t[neighbours] == labels_t[queries][:, None]
+    encode_seconds = time.perf_counter() - started
+    augment = _tensor_augmentation(model.data_config)
+    optimizer = torch.optim.AdamW(model.tuned.parameters(), lr=lr, weight_decay=weight_decay)
+
+    val_ids = None
+    if val_results is not None:
+        top = val_results.retrieved[:, :top_n]
+        val_ids = torch.unique(torch.cat([val_results.query_ids, top[top >= 0]]))
+
+    def measure(epoch: int, loss: float) -> dict[str, Any]:
+        row: dict[str, Any] = {"epoch": epoch, "step": epoch * steps_per_epoch, "loss": loss}
+        model.eval()
+        if val_ids is not None:
+            val_encoded = torch.zeros(len(val_results.labels), sum(model.sizes))
+            val_encoded[val_ids] = encode_items(
+                model, val_images, val_ids, batch_size=batch_size, device=device
+            )
+            row.update(_list_metrics(rerank_encoded(val_results, val_encoded, model, top_n)))
+        if on_epoch is not None:
+            on_epoch(epoch, model)
+        return row
+
+    history = [measure(0, float("nan"))]
+    from tqdm.auto import tqdm
+
+    for epoch in tqdm(range(1, epochs + 1), desc="epochs", disable=not progress, leave=False):
+        model.to(device)  # encode_items (measure) hands the model back on the CPU
+        losses = []
+        for _ in range(steps_per_epoch):
+            model.train()
+            rows = torch.randperm(len(queries), generator=generator)[:queries_per_step]
+            q, nb, s = queries[rows], neighbours[rows], same[rows]
+            ids, inverse = torch.unique(torch.cat([q, nb.reshape(-1)]), return_inverse=True)
+            images = torch.stack([augment(image) for image in _load_images(train_images, ids)]).to(device)
+            z = model.tuned(images)
+            zq, zn = z[inverse[: len(q)]], z[inverse[len(q) :]].view(len(q), nb.shape[1], -1)
+            dist = (zq[:, None] - zn).norm(dim=-1)
+            in_list = s[:, :, None] & ~s[:, None, :]  # [q, i, j]: neighbour i same label as q, j not
+            hinge = nn.functional.relu(dist[:, :, None] - dist[:, None, :] + margin)[in_list.to(device)]
+            batch_labels = labels_t[ids].to(device)
+            d_all = torch.cdist(z, z)
+            same_all = batch_labels[:, None] == batch_labels[None, :]
+            positive = same_all & ~torch.eye(len(ids), dtype=torch.bool, device=device)
+            triplets = positive[:, :, None] & ~same_all[:, None, :]
+            batch_all = nn.functional.relu(d_all[:, :, None] - d_all[:, None, :] + margin)[triplets]
+            loss = sum(part.mean() for part in (hinge, batch_all) if part.numel()) + z.sum() * 0
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+        model.eval()
+        history.append(measure(epoch, float(np.mean(losses))))
+    model.cpu().eval()
+    frame = pd.DataFrame(history)
+    frame["chosen"] = frame["epoch"] == epochs
+    frame.attrs.update(
+        best_epoch=int(epochs),
+        encode_seconds=encode_seconds,
+        train_seconds=time.perf_counter() - started,
+        n_lists=int(len(queries)),
     )
     return model, frame

@@ -188,6 +188,14 @@ def test_04_rerank_reports_every_method(tiny_run):
     text = json.dumps(tiny_run.metrics["rerank"])
     for method in ("baseline", "pairwise", "query", "reciprocal"):
         assert method in text.lower(), method
+    import pandas as pd
+
+    # the default re-ranker fine-tunes a copy of the extractor; epoch 0 of its history is the baseline
+    assert tiny_run.metrics["rerank"]["pair_model"] == "tuned"
+    history = pd.read_csv(tiny_run.run_dir / "reranker" / "train_history.csv")
+    assert list(history["epoch"]) == [0, 1] and list(history["step"]) == [0, 10]
+    baseline = tiny_run.metrics["rerank"]["methods"]["baseline"]
+    assert history.loc[0, "cmc@1"] == pytest.approx(baseline["cmc@1"])
 
 
 @pytest.mark.slow

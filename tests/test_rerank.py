@@ -450,6 +450,68 @@ def test_fit_feature_reranker_trains_on_fit_classes_only_and_reloads_identically
     assert not torch.equal(a.retrieved, results.retrieved)
 
 
+# --------------------------------------------------------------------------------- fine-tuned pair model
+def test_untrained_tuned_reranker_returns_exactly_the_baseline(figures_df):
+    from labkit.rerank import TunedPairModel
+
+    extractor, _, _, valid_images, results = _feature_setup(figures_df)
+    model = TunedPairModel(extractor)
+    images = valid_images[:4]
+    encoded = model.encode(images)
+    torch.testing.assert_close(model.embeddings(encoded), extractor(images), atol=1e-6, rtol=1e-5)
+    d = (model.embeddings(encoded[:2]) - model.embeddings(encoded[2:])).norm(dim=1)
+    torch.testing.assert_close(model.score(encoded[:2], encoded[2:], d), 2 * d)  # the copy's distance = d
+    out = PairwiseReranker(5, model, batch_size=16).rerank(results, valid_images)
+    assert torch.equal(out.retrieved, results.retrieved)
+    assert torch.equal(out.relevant, results.relevant)
+    with pytest.raises(ValueError, match="weight must be >= 0"):
+        TunedPairModel(extractor, weight=-1)
+    with pytest.raises(ValueError, match="labkit Extractor"):
+        TunedPairModel(nn.Linear(2, 2))
+
+
+def test_fit_tuned_reranker_trains_the_copy_only_and_reloads_identically(figures_df, tmp_path):
+    from labkit.rerank import TunedPairModel, fit_tuned_reranker
+
+    extractor, train, train_images, valid_images, results = _feature_setup(figures_df)
+    before = {k: v.clone() for k, v in extractor.state_dict().items()}
+    model = TunedPairModel(extractor)
+    seen = []
+    model, history = fit_tuned_reranker(
+        model, train_images, train.labels, top_n=3, epochs=2, steps_per_epoch=2, queries_per_step=4, seed=0,
+        val_results=results, val_images=valid_images, on_epoch=lambda epoch, m: seen.append(epoch),
+    )  # fmt: skip
+    assert list(history["epoch"]) == [0, 1, 2] and list(history["step"]) == [0, 2, 4]
+    assert seen == [0, 1, 2]
+    assert history.loc[history["chosen"], "epoch"].item() == history.attrs["best_epoch"] == 2
+    assert history.attrs["n_lists"] == len(train.labels)
+    # epoch 0 is the baseline: the validation metrics of the results as they are
+    flat = flatten_metrics(metrics_from_results(results, cmc_k=(1,), precision_k=(5,), map_k=(5,)))
+    assert history.loc[0, "cmc@1"] == pytest.approx(flat["cmc@1"])
+    assert np.isnan(history.loc[0, "loss"]) and bool((history.loc[1:, "loss"] > 0).all())
+    # the frozen extractor is untouched (weights and batch-norm statistics); the copy moved
+    for key, value in extractor.state_dict().items():
+        assert torch.equal(value, before[key]), key
+    moved = [k for k, v in model.tuned.state_dict().items() if not torch.equal(v, before[k])]
+    assert moved
+    out = PairwiseReranker(3, model).rerank(results, valid_images)
+    assert torch.equal(out.retrieved[:, 3:], results.retrieved[:, 3:])
+    assert torch.equal(out.retrieved[:, :3].sort(1).values, results.retrieved[:, :3].sort(1).values)
+    assert bool((out.distances[:, 1:] >= out.distances[:, :-1]).all())
+    path = save_pairwise(model, tmp_path / "tuned.pt")
+    loaded = load_pairwise(path)
+    assert type(loaded) is TunedPairModel and loaded.config == model.config
+    pair_a, pair_b = valid_images[:6], valid_images[6:12]
+    assert not torch.allclose(
+        model(pair_a, pair_b), 2 * model.extractor(pair_a).sub(model.extractor(pair_b)).norm(dim=1)
+    )
+    assert torch.equal(loaded(pair_a, pair_b), model(pair_a, pair_b))  # the tuned copy's weights came back
+    again = PairwiseReranker(3, loaded).rerank(results, valid_images)
+    assert torch.equal(again.retrieved, out.retrieved) and torch.equal(again.distances, out.distances)
+    with pytest.raises(ValueError, match="epochs must be >= 0"):
+        fit_tuned_reranker(model, train_images, train.labels, epochs=-1)
+
+
 def test_most_changed_query_can_prefer_improved_queries():
     labels = torch.tensor([0, 0, 1, 0, 1, 1])
     before = RetrievalResults(
