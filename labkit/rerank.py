@@ -324,11 +324,12 @@ def _load_images(source: Any, ids: Tensor) -> Tensor:
 class PairwiseReranker:
     """Re-scores each query's first `top_n` results with a pairwise model.
 
-    The top_n items are sorted by the model's logit (highest first, ties keep their order) and placed before
-    the remaining results, whose order is unchanged; every item is kept. New distances: the model's
-    probability that the pair differs, 1 - sigmoid(logit), for the top_n; the rest keep their distances,
-    shifted up by the least amount that keeps each row ascending. After `rerank`, `pairs_scored` and
-    `seconds` describe the last call.
+    The top_n items are sorted by the model's score (ties keep their order) and placed before the remaining
+    results, whose order is unchanged; every item is kept. A `TunedPairModel` or `FeaturePairModel` scores a
+    pair as the results' distance plus its correction (lowest first; the new distance); a `PairwiseModel`
+    gives a logit (highest first; new distance: 1 - sigmoid(logit), the probability that the pair differs).
+    The rest keep their distances, shifted up by the least amount that keeps each row ascending. After
+    `rerank`, `pairs_scored` and `seconds` describe the last call.
     """
 
     def __init__(
