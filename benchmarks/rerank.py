@@ -223,8 +223,9 @@ def nested_frame(df: pd.DataFrame, seed: int) -> pd.DataFrame:
 def select_nested(name: str, df: pd.DataFrame, seed: int) -> list[dict]:
     """Held-out-train scores with held-out classes unseen by the extractor too (`nested_frame`): an
     extractor is trained with the 01 defaults on the other train classes (cached as `<name>-nested`), then the
-    "features" re-ranker and the TunedPairModel grid (one fit, measured after each epoch of TUNED_EPOCHS and
-    each weight of TUNED_WEIGHTS) re-rank its retrieval among the held-out classes."""
+    "features" re-ranker, the TunedPairModel grid (one fit, measured after each epoch of TUNED_EPOCHS and
+    each weight of TUNED_WEIGHTS) and both at once (the features head's correction plus weight x the tuned
+    distance, after the last epoch) re-rank its retrieval among the held-out classes."""
     inner = nested_frame(df, seed)
     extractor, _ = trained_extractor(f"{name}-nested", inner, seed)
     extractor.eval()
@@ -261,6 +262,21 @@ def select_nested(name: str, df: pd.DataFrame, seed: int) -> list[dict]:
     torch.manual_seed(seed)
     tuned = rerank.TunedPairModel(extractor)
     rerank.fit_tuned_reranker(tuned, images, labels, epochs=max(TUNED_EPOCHS), seed=seed, on_epoch=measure)
+    # both second stages at once: distance + the features head's correction + weight x the tuned distance
+    every = torch.arange(len(held_images))
+    encoded_features, encoded_tuned = (rerank.encode_items(m, held_images, every) for m in (model, tuned))
+    top = baseline.retrieved[:, :5]
+    queries, items = baseline.query_ids[:, None].expand_as(top).reshape(-1), top.reshape(-1)
+    distances = baseline.distances[:, :5].float()
+    with torch.no_grad():
+        scored = model.score(encoded_features[queries], encoded_features[items], distances.reshape(-1))
+        correction = scored.view_as(distances) - distances
+        tuned_distances = tuned.tuned_distances(encoded_tuned[queries], encoded_tuned[items]).view_as(
+            distances
+        )
+    for weight in TUNED_WEIGHTS:
+        scores = distances + correction + weight * tuned_distances
+        add(f"features + tuned e{max(TUNED_EPOCHS)} w{weight:g}", rerank._rerank_scores(baseline, scores, 5))
     print(pd.DataFrame(rows).round(4).to_string(index=False), flush=True)
     return rows
 
