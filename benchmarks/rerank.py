@@ -132,6 +132,19 @@ def train_inputs(name: str, df: pd.DataFrame, seed: int):
     return extractor, images, labels, embed(extractor, images)
 
 
+def split_inputs(extractor, df: pd.DataFrame):
+    """(train images, train labels, validation images, the extractor's baseline retrieval of the validation
+    split: k=10, sequences excluded) of a frame."""
+    train_set = data.train_dataset(df, extractor.transforms(train=False))
+    valid = data.validation_dataset(df, extractor.transforms(train=False))
+    valid_images = images_of(valid)
+    baseline = retrieval.retrieve(
+        embed(extractor, valid_images), valid.labels, valid.is_query, valid.is_gallery, k=10,
+        sequence_ids=valid.sequences,
+    )  # fmt: skip
+    return images_of(train_set), torch.as_tensor(train_set.labels).long(), valid_images, baseline
+
+
 def select_one(
     name: str, df: pd.DataFrame, seed: int, candidates: dict[str, dict], outer_folds: int = 4
 ) -> list[dict]:
@@ -229,12 +242,7 @@ def select_nested(name: str, df: pd.DataFrame, seed: int) -> list[dict]:
     inner = nested_frame(df, seed)
     extractor, _ = trained_extractor(f"{name}-nested", inner, seed)
     extractor.eval()
-    train_set = data.train_dataset(inner, extractor.transforms(train=False))
-    held = data.validation_dataset(inner, extractor.transforms(train=False))
-    images, labels = images_of(train_set), torch.as_tensor(train_set.labels).long()
-    held_images = images_of(held)
-    emb = embed(extractor, held_images)
-    baseline = retrieval.retrieve(emb, held.labels, held.is_query, held.is_gallery, k=10)
+    images, labels, held_images, baseline = split_inputs(extractor, inner)
     base = rerank.method_summary(baseline, seconds=0, columns=METRICS)
     rows = []
 
@@ -249,22 +257,23 @@ def select_nested(name: str, df: pd.DataFrame, seed: int) -> list[dict]:
     model, top_n, _ = fit_setting(extractor, images, labels, CANDIDATES["features"], seed)
     add("features", rerank.PairwiseReranker(top_n, model).rerank(baseline, held_images))
 
-    def measure(epoch: int, model) -> None:
+    encoded_tuned = torch.empty(0)
+
+    def measure(epoch: int, tuned) -> None:
+        nonlocal encoded_tuned
         if epoch in TUNED_EPOCHS:
+            encoded_tuned = rerank.encode_listed(tuned, baseline, held_images, 5)
             for weight in TUNED_WEIGHTS:
-                model.weight = weight
-                add(
-                    f"tuned e{epoch} w{weight:g}",
-                    rerank.PairwiseReranker(5, model).rerank(baseline, held_images),
-                )
-            model.weight = 1.0
+                tuned.weight = weight
+                add(f"tuned e{epoch} w{weight:g}", rerank.rerank_encoded(baseline, encoded_tuned, tuned, 5))
+            tuned.weight = 1.0
 
     torch.manual_seed(seed)
     tuned = rerank.TunedPairModel(extractor)
     rerank.fit_tuned_reranker(tuned, images, labels, epochs=max(TUNED_EPOCHS), seed=seed, on_epoch=measure)
-    # both second stages at once: distance + the features head's correction + weight x the tuned distance
-    every = torch.arange(len(held_images))
-    encoded_features, encoded_tuned = (rerank.encode_items(m, held_images, every) for m in (model, tuned))
+    # both second stages at once (the tuned copy after its last epoch, encoded by `measure`): distance + the
+    # features head's correction + weight x the tuned distance
+    encoded_features = rerank.encode_listed(model, baseline, held_images, 5)
     top = baseline.retrieved[:, :5]
     queries, items = baseline.query_ids[:, None].expand_as(top).reshape(-1), top.reshape(-1)
     distances = baseline.distances[:, :5].float()
@@ -310,17 +319,10 @@ def run_one(
     extractor_seed = seed if extractor_seed is None else extractor_seed
     extractor, timing = trained_extractor(name, df, extractor_seed)
     extractor.eval()
-    train_set = data.train_dataset(df, extractor.transforms(train=False))
-    valid = data.validation_dataset(df, extractor.transforms(train=False))
-    valid_images = images_of(valid)
-    embeddings = embed(extractor, valid_images)
-    baseline = retrieval.retrieve(
-        embeddings, valid.labels, valid.is_query, valid.is_gallery, k=10, sequence_ids=valid.sequences
-    )
+    train_images, labels, valid_images, baseline = split_inputs(extractor, df)
     torch.manual_seed(seed)
     wall, cpu = time.perf_counter(), time.process_time()
-    labels = torch.as_tensor(train_set.labels).long()
-    model, top_n, history = fit_setting(extractor, images_of(train_set), labels, setting, seed)
+    model, top_n, history = fit_setting(extractor, train_images, labels, setting, seed)
     fit_wall, fit_cpu = time.perf_counter() - wall, time.process_time() - cpu
     reranker = rerank.PairwiseReranker(top_n, model)
     started = time.perf_counter()

@@ -36,6 +36,7 @@ new `RetrievalResults` (the rest keeps its order; distances ascend), so metrics 
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 import warnings
@@ -395,9 +396,9 @@ class PairwiseReranker:
         once, then each pair is scored as distance + correction (the results' own distances)."""
         n = min(self.top_n, results.retrieved.shape[1])
         top = results.retrieved[:, :n]
-        ids = torch.unique(torch.cat([results.query_ids, top[top >= 0]]))
-        encoded = torch.zeros(len(results.labels), sum(self.model.sizes))
-        encoded[ids] = encode_items(self.model, images, ids, batch_size=self.batch_size, device=self.device)
+        encoded = encode_listed(
+            self.model, results, images, n, batch_size=self.batch_size, device=self.device
+        )
         out = rerank_encoded(results, encoded, self.model, n)
         self.pairs_scored = int((top >= 0).sum())
         self.seconds = time.perf_counter() - started
@@ -933,6 +934,24 @@ def encode_items(
     return torch.cat(chunks) if chunks else torch.zeros(0, sum(model.sizes))
 
 
+def encode_listed(
+    model: FeaturePairModel | TunedPairModel,
+    results,
+    images: Any,
+    top_n: int,
+    *,
+    batch_size: int = 64,
+    device: Any = "cpu",
+) -> Tensor:
+    """(N, F) encoded items for `rerank_encoded(results, ..., top_n)`: row i is item i's `model.encode` when
+    item i is a query of `results` or among a query's first top_n, zeros otherwise (never read)."""
+    top = results.retrieved[:, :top_n]
+    ids = torch.unique(torch.cat([results.query_ids, top[top >= 0]]))
+    encoded = torch.zeros(len(results.labels), sum(model.sizes))
+    encoded[ids] = encode_items(model, images, ids, batch_size=batch_size, device=device)
+    return encoded
+
+
 def _rerank_scores(results, scores: Tensor, n: int):
     """`results` with each row's first n items sorted by `scores` (Q, n; ascending, +inf = padding)."""
     retrieved, distances = results.retrieved, results.distances
@@ -1164,10 +1183,9 @@ def fit_feature_reranker(
     encoded = encode_items(model, train_images, all_ids, batch_size=batch_size, device=device)
     val_encoded = None
     if val_results is not None:
-        top = val_results.retrieved[:, :top_n]
-        ids = torch.unique(torch.cat([val_results.query_ids, top[top >= 0]]))
-        val_encoded = torch.zeros(len(val_results.labels), encoded.shape[1])
-        val_encoded[ids] = encode_items(model, val_images, ids, batch_size=batch_size, device=device)
+        val_encoded = encode_listed(
+            model, val_results, val_images, top_n, batch_size=batch_size, device=device
+        )
     encode_seconds = time.perf_counter() - started
     n_heads = len(model.heads)
     n_folds = min(n_heads, len(np.unique(labels_t.numpy())) // 2)
@@ -1279,8 +1297,6 @@ class TunedPairModel(nn.Module):
             )
         if not float(weight) >= 0:
             raise ValueError(f"weight must be >= 0 (0: the baseline distance alone); got {weight!r}")
-        import copy
-
         self.extractor = extractor.eval().requires_grad_(False)
         self.tuned = copy.deepcopy(self.extractor).requires_grad_(True)
         self.weight = float(weight)
@@ -1405,19 +1421,12 @@ def fit_tuned_reranker(
     augment = _tensor_augmentation(model.data_config)
     optimizer = torch.optim.AdamW(model.tuned.parameters(), lr=lr, weight_decay=weight_decay)
 
-    val_ids = None
-    if val_results is not None:
-        top = val_results.retrieved[:, :top_n]
-        val_ids = torch.unique(torch.cat([val_results.query_ids, top[top >= 0]]))
-
     def measure(epoch: int, loss: float) -> dict[str, Any]:
         row: dict[str, Any] = {"epoch": epoch, "step": epoch * steps_per_epoch, "loss": loss}
         model.eval()
-        if val_ids is not None:
-            val_encoded = torch.zeros(len(val_results.labels), sum(model.sizes))
-            val_encoded[val_ids] = encode_items(
-                model, val_images, val_ids, batch_size=batch_size, device=device
-            )
+        if val_results is not None:
+            kwargs = {"batch_size": batch_size, "device": device}
+            val_encoded = encode_listed(model, val_results, val_images, top_n, **kwargs)
             row.update(_list_metrics(rerank_encoded(val_results, val_encoded, model, top_n)))
         if on_epoch is not None:
             on_epoch(epoch, model)
