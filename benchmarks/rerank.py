@@ -2,10 +2,11 @@
 
 For every dataset and seed: the extractor is trained with `labkit.training.train`'s defaults (the 01 job;
 cached under `data/rerank_bench/<dataset>/seed<seed>/` so later runs reuse it), the validation split is
-searched (baseline), and the default re-ranker of `04_rerank` (`labkit.rerank.TunedPairModel` +
-`fit_tuned_reranker`, top_n 5: setting "tuned") is trained on the train split and re-ranks the baseline. The
-seed changes the extractor's training and the re-ranker's (lists, batches, augmentation); the datasets' class
-splits stay those of seed 0. Nothing here looks at the validation classes to choose anything.
+searched (baseline), and the default re-ranker of `04_rerank` (`labkit.rerank.FeaturePairModel` +
+`fit_feature_reranker`, top_n 5: setting "features") is trained on the train split and re-ranks the
+baseline. The seed changes the extractor's training and the re-ranker's (lists, batches, augmentation);
+the datasets' class splits stay those of seed 0. Nothing here looks at the validation classes to choose
+anything.
 
 Datasets: "figures" (the embedded default) and "photo-quadrants", real photographs built by
 `benchmarks/real_images.py` (run it first) and imported with the folder importer.
@@ -15,22 +16,24 @@ per-seed gain (re-ranked - baseline) as mean ± std, whether the mean gain excee
 spread (the larger of the gain's std and the re-ranked metric's std; "NO" when it does not), the
 re-ranker's training time (wall and CPU seconds, extractor encoding included) against the extractor's, and
 re-ranking ms per query (encoding the queries' and results' images included). `--setting NAME` validates
-another entry of `CANDIDATES` (e.g. "features": the frozen-backbone `FeaturePairModel`).
+another entry of `CANDIDATES` (e.g. "tuned": `TunedPairModel`, a fine-tuned copy of the extractor).
 
 Choosing settings, on TRAIN classes only:
 - `--select` compares the `CANDIDATES` on held-out train classes (outer class folds of the train split, see
   `select_one`; the extractor has seen those classes);
 - `--select-tuned` does the same for the fine-tuned model's grid (`TUNED_EPOCHS` x `TUNED_WEIGHTS`);
-- `--select-nested` compares the "features" re-ranker with that grid on one class fold of the train
-  split that the extractor never saw either (an extractor is trained on the other train classes, see
-  `select_nested`), which is how the validation classes stand.
+- `--select-nested` compares the "features" re-ranker with that grid (and longer runs, both models'
+  corrections added) on class folds of the train split that the extractor never saw either (per fold an
+  extractor is trained on the other train classes, see `select_nested`), which is how the validation classes
+  stand;
+  `--folds 0 1 2 3` holds out each of the 4 folds in turn (every train class once) and averages them per seed.
 Each prints the gains per seed and a selection table whose last column is the rule: mean gain - 2 x std over
 seeds, the smallest over datasets and {cmc@1, map@5}.
 
     .venv/bin/python benchmarks/rerank.py [--datasets figures photo-quadrants] [--seeds 0 1 2]
-    .venv/bin/python benchmarks/rerank.py --setting features
+    .venv/bin/python benchmarks/rerank.py --setting tuned
     .venv/bin/python benchmarks/rerank.py --select [--candidates features "top 10"]
-    .venv/bin/python benchmarks/rerank.py --select-nested
+    .venv/bin/python benchmarks/rerank.py --select-nested --folds 0 1 2 3
 """
 
 from __future__ import annotations
@@ -221,26 +224,39 @@ def select_tuned(name: str, df: pd.DataFrame, seed: int, outer_folds: int = 4) -
     return rows
 
 
-def nested_frame(df: pd.DataFrame, seed: int) -> pd.DataFrame:
-    """The train split alone, with one seeded class fold of it (`class_folds(..., 4, seed=1000 + seed)[0]`)
+def nested_frame(df: pd.DataFrame, seed: int, fold: int = 0) -> pd.DataFrame:
+    """The train split alone, with one seeded class fold of it (`class_folds(..., 4, seed=1000 + seed)[fold]`)
     turned into the validation split (every item query and gallery): classes that neither the extractor
     nor the re-ranker trains on, as the real validation classes."""
     inner = df[df["split"] == "train"].copy()
-    held = rerank.class_folds(inner["label"].to_numpy(), 4, seed=1000 + seed)[0]
+    held = rerank.class_folds(inner["label"].to_numpy(), 4, seed=1000 + seed)[fold]
     inner.loc[held, "split"] = "validation"
     inner.loc[held, "is_query"] = True
     inner.loc[held, "is_gallery"] = True
     return inner.reset_index(drop=True)
 
 
-def select_nested(name: str, df: pd.DataFrame, seed: int) -> list[dict]:
+# --select-nested: the fine-tuned model is trained NESTED_EPOCHS epochs and measured after each epoch in
+# TUNED_EPOCHS, after its "pass" epoch (`pass_epochs`) and after the last (e18: over the figures CPU budget,
+# shown for information only).
+NESTED_EPOCHS = 18
+
+
+def pass_epochs(n_train: int, steps_per_epoch: int = 10, queries_per_step: int = 8) -> int:
+    """Epochs of `fit_tuned_reranker` that draw about one list per train image (one pass over the lists)."""
+    return max(1, round(n_train / (steps_per_epoch * queries_per_step)))
+
+
+def select_nested(name: str, df: pd.DataFrame, seed: int, fold: int = 0) -> list[dict]:
     """Held-out-train scores with held-out classes unseen by the extractor too (`nested_frame`): an
-    extractor is trained with the 01 defaults on the other train classes (cached as `<name>-nested`), then the
-    "features" re-ranker, the TunedPairModel grid (one fit, measured after each epoch of TUNED_EPOCHS and
-    each weight of TUNED_WEIGHTS) and both at once (the features head's correction plus weight x the tuned
-    distance, after the last epoch) re-rank its retrieval among the held-out classes."""
-    inner = nested_frame(df, seed)
-    extractor, _ = trained_extractor(f"{name}-nested", inner, seed)
+    extractor is trained with the 01 defaults on the other train classes (cached as `<name>-nested` for fold
+    0, `<name>-nested-fold<k>` for fold k), then the "features" re-ranker, the TunedPairModel grid (one fit,
+    measured after each epoch of TUNED_EPOCHS, the "pass" epoch and NESTED_EPOCHS, at each weight of
+    TUNED_WEIGHTS) and both at once (the features head's correction plus weight x the tuned distance, after
+    epoch 9 and after the "pass" epoch) re-rank its retrieval among the held-out classes."""
+    inner = nested_frame(df, seed, fold)
+    cache = f"{name}-nested" if fold == 0 else f"{name}-nested-fold{fold}"
+    extractor, _ = trained_extractor(cache, inner, seed)
     extractor.eval()
     images, labels, held_images, baseline = split_inputs(extractor, inner)
     base = rerank.method_summary(baseline, seconds=0, columns=METRICS)
@@ -248,7 +264,7 @@ def select_nested(name: str, df: pd.DataFrame, seed: int) -> list[dict]:
 
     def add(label: str, results) -> None:
         new = rerank.method_summary(results, seconds=0, columns=METRICS)
-        row = {"dataset": name, "seed": seed, "candidate": label}
+        row = {"dataset": name, "seed": seed, "fold": fold, "candidate": label}
         row.update({f"gain {m}": new[m] - base[m] for m in METRICS})
         row.update({f"baseline {m}": base[m] for m in METRICS})
         rows.append(row)
@@ -256,36 +272,36 @@ def select_nested(name: str, df: pd.DataFrame, seed: int) -> list[dict]:
     torch.manual_seed(seed)
     model, top_n, _ = fit_setting(extractor, images, labels, CANDIDATES["features"], seed)
     add("features", rerank.PairwiseReranker(top_n, model).rerank(baseline, held_images))
-
-    encoded_tuned = torch.empty(0)
-
-    def measure(epoch: int, tuned) -> None:
-        nonlocal encoded_tuned
-        if epoch in TUNED_EPOCHS:
-            encoded_tuned = rerank.encode_listed(tuned, baseline, held_images, 5)
-            for weight in TUNED_WEIGHTS:
-                tuned.weight = weight
-                add(f"tuned e{epoch} w{weight:g}", rerank.rerank_encoded(baseline, encoded_tuned, tuned, 5))
-            tuned.weight = 1.0
-
-    torch.manual_seed(seed)
-    tuned = rerank.TunedPairModel(extractor)
-    rerank.fit_tuned_reranker(tuned, images, labels, epochs=max(TUNED_EPOCHS), seed=seed, on_epoch=measure)
-    # both second stages at once (the tuned copy after its last epoch, encoded by `measure`): distance + the
-    # features head's correction + weight x the tuned distance
     encoded_features = rerank.encode_listed(model, baseline, held_images, 5)
     top = baseline.retrieved[:, :5]
     queries, items = baseline.query_ids[:, None].expand_as(top).reshape(-1), top.reshape(-1)
     distances = baseline.distances[:, :5].float()
     with torch.no_grad():
         scored = model.score(encoded_features[queries], encoded_features[items], distances.reshape(-1))
-        correction = scored.view_as(distances) - distances
-        tuned_distances = tuned.tuned_distances(encoded_tuned[queries], encoded_tuned[items]).view_as(
-            distances
-        )
-    for weight in TUNED_WEIGHTS:
-        scores = distances + correction + weight * tuned_distances
-        add(f"features + tuned e{max(TUNED_EPOCHS)} w{weight:g}", rerank._rerank_scores(baseline, scores, 5))
+    correction = scored.view_as(distances) - distances
+    one_pass = pass_epochs(len(labels))
+    measured = {e: [f"e{e}"] for e in TUNED_EPOCHS}
+    measured.setdefault(one_pass, []).append("pass")
+    measured.setdefault(NESTED_EPOCHS, []).append(f"e{NESTED_EPOCHS}")
+
+    def measure(epoch: int, tuned) -> None:
+        if epoch not in measured:
+            return
+        encoded = rerank.encode_listed(tuned, baseline, held_images, 5)
+        with torch.no_grad():
+            tuned_distances = tuned.tuned_distances(encoded[queries], encoded[items]).view_as(distances)
+        for tag in measured[epoch]:
+            for weight in TUNED_WEIGHTS:
+                scores = distances + weight * tuned_distances
+                add(f"tuned {tag} w{weight:g}", rerank._rerank_scores(baseline, scores, 5))
+                if tag in ("e9", "pass"):
+                    scores = distances + correction + weight * tuned_distances
+                    add(f"features + tuned {tag} w{weight:g}", rerank._rerank_scores(baseline, scores, 5))
+
+    torch.manual_seed(seed)
+    tuned = rerank.TunedPairModel(extractor)
+    rerank.fit_tuned_reranker(tuned, images, labels, epochs=NESTED_EPOCHS, seed=seed, on_epoch=measure)
+    print(f"{name} seed {seed} fold {fold}: pass = epoch {one_pass} ({len(labels)} train images)")
     print(pd.DataFrame(rows).round(4).to_string(index=False), flush=True)
     return rows
 
@@ -293,6 +309,9 @@ def select_nested(name: str, df: pd.DataFrame, seed: int) -> list[dict]:
 def selection_table(rows: pd.DataFrame) -> pd.DataFrame:
     """Per candidate and dataset: mean ± std over seeds of the held-out-train gains, and the criterion: the
     smallest, over datasets and {cmc@1, map@5}, of mean gain - 2 x std (the 2x-spread test, on train)."""
+    if "fold" in rows:  # --select-nested over several folds: a seed's gain is the mean over its folds
+        by_seed = rows.groupby(["dataset", "seed", "candidate"], sort=False)
+        rows = by_seed.mean(numeric_only=True).reset_index()
     out = []
     for label, group in rows.groupby("candidate", sort=False):
         row: dict = {"candidate": label}
@@ -391,7 +410,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--select-nested",
         action="store_true",
-        help="default vs the fine-tuned grid on a held-out train fold that the extractor never saw either",
+        help="features vs the fine-tuned grid on held-out train folds that the extractor never saw either",
+    )
+    parser.add_argument(
+        "--folds",
+        nargs="+",
+        type=int,
+        default=[0],
+        choices=range(4),
+        help="with --select-nested: the train class folds held out in turn (0-3; a seed gains their mean)",
     )
     parser.add_argument(
         "--select-tuned",
@@ -399,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         help="--select for the fine-tuned pair model's grid (TUNED_EPOCHS x TUNED_WEIGHTS) and stop",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--setting", default="tuned", help="the CANDIDATES entry validated (04's default)")
+    parser.add_argument("--setting", default="features", help="the CANDIDATES entry validated (04's default)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pd.set_option("display.width", 250)
@@ -410,7 +437,11 @@ def main(argv: list[str] | None = None) -> int:
             for n in args.datasets
             for s in args.seeds
             for r in (
-                select_nested(n, data.load_dataset(dataset_source(n), seed=0), s)
+                [
+                    row
+                    for fold in args.folds
+                    for row in select_nested(n, data.load_dataset(dataset_source(n), seed=0), s, fold)
+                ]
                 if args.select_nested
                 else select_tuned(n, data.load_dataset(dataset_source(n), seed=0), s)
                 if args.select_tuned

@@ -1,17 +1,7 @@
 """Second-stage retrieval: pairwise re-rankers of each query's first results.
 
-The default (04's `pair_model = "tuned"`):
-- `TunedPairModel`: score = the extractor's distance + weight x the distance under a copy of the extractor
-  whose whole backbone is fine-tuned; the copy starts identical, so the untrained model reproduces the
-  baseline order.
-- `fit_tuned_reranker`: fine-tunes the copy on the extractor's own confusions among the train classes (each
-  train image's nearest train neighbours under the extractor; hinge ranking loss inside each list plus a
-  batch-all triplet loss, the extractor's training augmentation) for a fixed number of steps chosen once on
-  held-out train classes (`benchmarks/rerank.py --select-nested`). Cost: `epochs * steps_per_epoch` forward
-  and backward passes of about `queries_per_step * (1 + list_size)` images, plus one encoding of the train
-  split.
-
-A frozen-backbone alternative (04's `pair_model = "features"`):
+The default (04's `pair_model = "features"`), chosen on held-out train classes
+(`benchmarks/rerank.py --select-nested --folds 0 1 2 3`):
 - `FeaturePairModel`: both images through the trained extractor (one shared, frozen backbone); the pair's
   interactions (cosines of the embedding and of the pooled maps of the last backbone stages, spatial
   correlation of those maps, the distance) feed a head whose last layer starts at zero. Score = original
@@ -20,6 +10,16 @@ A frozen-backbone alternative (04's `pair_model = "features"`):
   (`split_train_classes`), trains the head with a ranking loss inside each fit query's neighbour list
   (`neighbour_lists`), and keeps the epoch that re-ranks the held-out classes best (epoch 0 = baseline).
   Only the head trains, on cached features: many epochs cost little.
+
+A fine-tuned alternative (04's `pair_model = "tuned"`):
+- `TunedPairModel`: score = the extractor's distance + weight x the distance under a copy of the extractor
+  whose whole backbone is fine-tuned; the copy starts identical, so the untrained model reproduces the
+  baseline order.
+- `fit_tuned_reranker`: fine-tunes the copy on the extractor's own confusions among the train classes (each
+  train image's nearest train neighbours under the extractor; hinge ranking loss inside each list plus a
+  batch-all triplet loss, the extractor's training augmentation) for a fixed number of steps. Cost: `epochs *
+  steps_per_epoch` forward and backward passes of about `queries_per_step * (1 + list_size)` images, plus one
+  encoding of the train split (5-8x the frozen-backbone model's training).
 
 Kept for comparison (OML's layout):
 - `mine_pairs`: the hardest positive and hardest negative pair of every anchor in a batch (or all pairs).
@@ -1384,11 +1384,11 @@ def fit_tuned_reranker(
     minimises, with the tuned copy's distances, a hinge ranking loss inside each list (every same-label
     neighbour nearer than every other-label one by `margin`) plus a batch-all triplet loss over the step's
     images (keeps the embedding's overall structure). An epoch is `steps_per_epoch` steps; all `epochs` are
-    run and the last state is kept. The default length (`epochs`) and `TunedPairModel`'s weight were chosen
-    once on a class fold of the train split that neither the extractor nor this model trained on
-    (`benchmarks/rerank.py --select-nested`); `queries_per_step`, `lr` and the losses on a separate
-    development draw of "figures". Early stopping on a slice of one run's train classes proved too noisy to
-    pick an epoch.
+    run and the last state is kept. The default length (`epochs`) and `TunedPairModel`'s weight tied best
+    (with weight 0.5) among the fine-tuned settings within the extractor's CPU budget on class folds of the
+    train split that neither the extractor nor this model trained on (`benchmarks/rerank.py
+    --select-nested`); `queries_per_step`, `lr` and the losses were set on a separate development draw of
+    "figures". Early stopping on a slice of one run's train classes proved too noisy to pick an epoch.
 
     With `val_results` (the extractor's validation `RetrievalResults`) and `val_images`, every epoch re-ranks
     the validation top_n for the history plot only: nothing is chosen by them. `on_epoch(epoch, model)` is

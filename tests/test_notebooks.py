@@ -190,12 +190,30 @@ def test_04_rerank_reports_every_method(tiny_run):
         assert method in text.lower(), method
     import pandas as pd
 
-    # the default re-ranker fine-tunes a copy of the extractor; epoch 0 of its history is the baseline
-    assert tiny_run.metrics["rerank"]["pair_model"] == "tuned"
+    # the default re-ranker: a head over the frozen extractor's features; epoch 0 of its history = baseline
+    assert tiny_run.metrics["rerank"]["pair_model"] == "features"
     history = pd.read_csv(tiny_run.run_dir / "reranker" / "train_history.csv")
-    assert list(history["epoch"]) == [0, 1] and list(history["step"]) == [0, 10]
+    assert list(history["epoch"]) == [0, 1] and history["chosen"].sum() == 1
     baseline = tiny_run.metrics["rerank"]["methods"]["baseline"]
     assert history.loc[0, "cmc@1"] == pytest.approx(baseline["cmc@1"])
+
+
+@pytest.mark.slow
+def test_04_rerank_fine_tuned_model_on_a_copy_of_the_run(tiny_run, tmp_path, execute_notebook):
+    """04 with pair_model "tuned" (the fine-tuned copy of the extractor), on a copy of the tiny run folder."""
+    import shutil
+
+    import pandas as pd
+
+    run = shutil.copytree(tiny_run.run_dir, tmp_path / "run")
+    declared = pipeline.notebook_parameters(notebooks_dir() / "04_rerank.ipynb")
+    params = {k: v for k, v in TINY.items() if k in declared}
+    execute_notebook("04_rerank", {**params, "pair_model": "tuned", "overwrite": True}, run)
+    metrics = json.loads((run / "metrics.json").read_text())["rerank"]
+    assert metrics["pair_model"] == "tuned"
+    history = pd.read_csv(run / "reranker" / "train_history.csv")
+    assert list(history["epoch"]) == [0, 1] and list(history["step"]) == [0, 10]
+    assert history.loc[0, "cmc@1"] == pytest.approx(metrics["methods"]["baseline"]["cmc@1"])
 
 
 @pytest.mark.slow
