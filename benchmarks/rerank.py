@@ -26,7 +26,8 @@ Choosing settings, on TRAIN classes only:
   corrections added) on class folds of the train split that the extractor never saw either (per fold an
   extractor is trained on the other train classes, see `select_nested`), which is how the validation classes
   stand;
-  `--folds 0 1 2 3` holds out each of the 4 folds in turn (every train class once) and averages them per seed.
+  `--folds 0 1 2 3` holds out each of the 4 folds in turn (every train class once) and averages them per seed;
+- `--select-budget` runs that proxy for longer fine-tuning within the extractor's CPU budget (`BUDGET_RUNS`).
 Each prints the gains per seed and a selection table whose last column is the rule: mean gain - 2 x std over
 seeds, the smallest over datasets and {cmc@1, map@5}.
 
@@ -34,6 +35,7 @@ seeds, the smallest over datasets and {cmc@1, map@5}.
     .venv/bin/python benchmarks/rerank.py --setting tuned
     .venv/bin/python benchmarks/rerank.py --select [--candidates features "top 10"]
     .venv/bin/python benchmarks/rerank.py --select-nested --folds 0 1 2 3
+    .venv/bin/python benchmarks/rerank.py --select-budget --folds 0 1 2 3
 """
 
 from __future__ import annotations
@@ -247,6 +249,63 @@ def pass_epochs(n_train: int, steps_per_epoch: int = 10, queries_per_step: int =
     return max(1, round(n_train / (steps_per_epoch * queries_per_step)))
 
 
+def nested_inputs(name: str, df: pd.DataFrame, seed: int, fold: int):
+    """(extractor, train images, train labels, held-out images, baseline retrieval among them) of
+    `nested_frame(df, seed, fold)`; the extractor is trained on first use and cached."""
+    inner = nested_frame(df, seed, fold)
+    cache = f"{name}-nested" if fold == 0 else f"{name}-nested-fold{fold}"
+    extractor, _ = trained_extractor(cache, inner, seed)
+    extractor.eval()
+    return (extractor, *split_inputs(extractor, inner))
+
+
+def gain_recorder(rows: list[dict], baseline, **keys):
+    """add(label, results): appends to `rows` the gains of `results` over `baseline` (and the baseline), with
+    `keys` (dataset, seed, fold)."""
+    base = rerank.method_summary(baseline, seconds=0, columns=METRICS)
+
+    def add(label: str, results) -> None:
+        new = rerank.method_summary(results, seconds=0, columns=METRICS)
+        row = {**keys, "candidate": label}
+        row.update({f"gain {m}": new[m] - base[m] for m in METRICS})
+        row.update({f"baseline {m}": base[m] for m in METRICS})
+        rows.append(row)
+
+    return add
+
+
+# --select-budget: longer fine-tuning within the extractor's CPU budget. Run label -> (fit_tuned_reranker
+# keywords, epochs measured); each run is measured at every weight of BUDGET_WEIGHTS.
+BUDGET_RUNS: dict[str, tuple[dict, tuple[int, ...]]] = {
+    "tuned q8": ({"queries_per_step": 8, "epochs": 12}, (9, 12)),
+    "tuned q4": ({"queries_per_step": 4, "epochs": 18}, (9, 18)),
+}
+BUDGET_WEIGHTS = (0.5, 1.0)
+
+
+def select_budget(name: str, df: pd.DataFrame, seed: int, fold: int = 0) -> list[dict]:
+    """`select_nested`'s proxy (same folds, same cached extractors) for the fine-tuned model's BUDGET_RUNS:
+    rows "tuned qQ eE wW" = Q lists per step, after E epochs, weight W."""
+    extractor, images, labels, held_images, baseline = nested_inputs(name, df, seed, fold)
+    rows: list[dict] = []
+    add = gain_recorder(rows, baseline, dataset=name, seed=seed, fold=fold)
+    for label, (kwargs, measured) in BUDGET_RUNS.items():
+
+        def measure(epoch: int, tuned, label=label, measured=measured) -> None:
+            if epoch in measured:
+                encoded = rerank.encode_listed(tuned, baseline, held_images, 5)
+                for weight in BUDGET_WEIGHTS:
+                    tuned.weight = weight
+                    add(f"{label} e{epoch} w{weight:g}", rerank.rerank_encoded(baseline, encoded, tuned, 5))
+                tuned.weight = 1.0
+
+        torch.manual_seed(seed)
+        tuned = rerank.TunedPairModel(extractor)
+        rerank.fit_tuned_reranker(tuned, images, labels, seed=seed, on_epoch=measure, **kwargs)
+    print(pd.DataFrame(rows).round(4).to_string(index=False), flush=True)
+    return rows
+
+
 def select_nested(name: str, df: pd.DataFrame, seed: int, fold: int = 0) -> list[dict]:
     """Held-out-train scores with held-out classes unseen by the extractor too (`nested_frame`): an
     extractor is trained with the 01 defaults on the other train classes (cached as `<name>-nested` for fold
@@ -254,21 +313,9 @@ def select_nested(name: str, df: pd.DataFrame, seed: int, fold: int = 0) -> list
     measured after each epoch of TUNED_EPOCHS, the "pass" epoch and NESTED_EPOCHS, at each weight of
     TUNED_WEIGHTS) and both at once (the features head's correction plus weight x the tuned distance, after
     epoch 9 and after the "pass" epoch) re-rank its retrieval among the held-out classes."""
-    inner = nested_frame(df, seed, fold)
-    cache = f"{name}-nested" if fold == 0 else f"{name}-nested-fold{fold}"
-    extractor, _ = trained_extractor(cache, inner, seed)
-    extractor.eval()
-    images, labels, held_images, baseline = split_inputs(extractor, inner)
-    base = rerank.method_summary(baseline, seconds=0, columns=METRICS)
-    rows = []
-
-    def add(label: str, results) -> None:
-        new = rerank.method_summary(results, seconds=0, columns=METRICS)
-        row = {"dataset": name, "seed": seed, "fold": fold, "candidate": label}
-        row.update({f"gain {m}": new[m] - base[m] for m in METRICS})
-        row.update({f"baseline {m}": base[m] for m in METRICS})
-        rows.append(row)
-
+    extractor, images, labels, held_images, baseline = nested_inputs(name, df, seed, fold)
+    rows: list[dict] = []
+    add = gain_recorder(rows, baseline, dataset=name, seed=seed, fold=fold)
     torch.manual_seed(seed)
     model, top_n, _ = fit_setting(extractor, images, labels, CANDIDATES["features"], seed)
     add("features", rerank.PairwiseReranker(top_n, model).rerank(baseline, held_images))
@@ -413,12 +460,17 @@ def main(argv: list[str] | None = None) -> int:
         help="features vs the fine-tuned grid on held-out train folds that the extractor never saw either",
     )
     parser.add_argument(
+        "--select-budget",
+        action="store_true",
+        help="--select-nested's proxy for longer fine-tuning within the extractor's CPU budget (BUDGET_RUNS)",
+    )
+    parser.add_argument(
         "--folds",
         nargs="+",
         type=int,
         default=[0],
         choices=range(4),
-        help="with --select-nested: the train class folds held out in turn (0-3; a seed gains their mean)",
+        help="with --select-nested or --select-budget: train class folds held out in turn (0-3), averaged",
     )
     parser.add_argument(
         "--select-tuned",
@@ -430,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pd.set_option("display.width", 250)
-    if args.select or args.select_tuned or args.select_nested:
+    if args.select or args.select_tuned or args.select_nested or args.select_budget:
         chosen = {k: CANDIDATES[k] for k in args.candidates}
         picked = [
             r
@@ -440,9 +492,11 @@ def main(argv: list[str] | None = None) -> int:
                 [
                     row
                     for fold in args.folds
-                    for row in select_nested(n, data.load_dataset(dataset_source(n), seed=0), s, fold)
+                    for row in (select_budget if args.select_budget else select_nested)(
+                        n, data.load_dataset(dataset_source(n), seed=0), s, fold
+                    )
                 ]
-                if args.select_nested
+                if args.select_nested or args.select_budget
                 else select_tuned(n, data.load_dataset(dataset_source(n), seed=0), s)
                 if args.select_tuned
                 else select_one(n, data.load_dataset(dataset_source(n), seed=0), s, chosen)
