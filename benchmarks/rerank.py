@@ -468,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         "--folds",
         nargs="+",
         type=int,
-        default=[0],
+        default=[0, 1, 2, 3],
         choices=range(4),
         help="with --select-nested or --select-budget: train class folds held out in turn (0-3), averaged",
     )

@@ -1,0 +1,57 @@
+"""The re-ranking benchmark's selection proxy (benchmarks/rerank.py): folds and the selection rule."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+
+@pytest.fixture(scope="module")
+def bench():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "rerank.py"
+    spec = importlib.util.spec_from_file_location("rerank_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_nested_folds_hold_every_train_class_out_once_and_never_train_on_it(bench):
+    labels = np.repeat(np.arange(20), 3)  # 12 train classes, 8 validation classes, 3 images each
+    split = np.where(labels < 12, "train", "validation")
+    df = pd.DataFrame({"label": labels, "split": split, "is_query": split == "validation"})
+    df["is_gallery"] = df["is_query"]
+    train_classes = set(range(12))
+    held_out = []
+    for fold in range(4):
+        inner = bench.nested_frame(df, seed=3, fold=fold)
+        held = inner[inner["split"] == "validation"]
+        assert set(inner["label"]) == train_classes  # validation classes never enter the proxy
+        assert not set(held["label"]) & set(inner.loc[inner["split"] == "train", "label"])
+        assert held["is_query"].all() and held["is_gallery"].all()
+        held_out.append(set(held["label"]))
+    assert sorted(c for group in held_out for c in group) == sorted(train_classes)
+
+
+def test_selection_table_averages_folds_per_seed_then_applies_the_rule(bench):
+    rows = []
+    for seed, per_fold in ((0, (0.01, 0.03)), (1, (0.02, 0.04)), (2, (0.0, 0.02))):
+        for fold, gain in enumerate(per_fold):
+            for name in ("figures", "photo"):
+                rows.append(
+                    {"dataset": name, "seed": seed, "fold": fold, "candidate": "a", "gain cmc@1": gain,
+                     "gain map@5": gain + (0.01 if name == "photo" else 0.0), "gain precision@5": 0.0}
+                )  # fmt: skip
+    table = bench.selection_table(pd.DataFrame(rows))
+    # per-seed means 0.02, 0.03, 0.01 on figures: mean 0.02, std 0.01 -> 0.02 - 2 * 0.01 = 0
+    assert table.loc[0, "figures cmc@1"] == "+0.0200 ± 0.0100"
+    assert table.loc[0, "photo map@5"] == "+0.0300 ± 0.0100"
+    assert table.loc[0, "min(mean - 2 std)"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_pass_epochs_draws_about_one_list_per_train_image(bench):
+    assert [bench.pass_epochs(n) for n in (40, 480, 640, 1056)] == [1, 6, 8, 13]
+    assert np.isclose(bench.pass_epochs(1056, queries_per_step=4), 26)
