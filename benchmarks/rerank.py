@@ -25,17 +25,19 @@ Choosing settings, on TRAIN classes only:
 - `--select-nested` compares the "features" re-ranker with that grid (and longer runs, both models'
   corrections added) on class folds of the train split that the extractor never saw either (per fold an
   extractor is trained on the other train classes, see `select_nested`), which is how the validation classes
-  stand;
-  `--folds 0 1 2 3` holds out each of the 4 folds in turn (every train class once) and averages them per seed;
-- `--select-budget` runs that proxy for longer fine-tuning within the extractor's CPU budget (`BUDGET_RUNS`).
+  stand; by default each of the 4 folds is held out in turn (every train class once; `--folds` picks some),
+  averaged per seed;
+- `--select-budget` runs that proxy for longer fine-tuning within the extractor's CPU budget (`BUDGET_RUNS`);
+- `--nested-candidates --candidates ...` runs that proxy for entries of `CANDIDATES` (e.g. the epoch caps).
 Each prints the gains per seed and a selection table whose last column is the rule: mean gain - 2 x std over
 seeds, the smallest over datasets and {cmc@1, map@5}.
 
     .venv/bin/python benchmarks/rerank.py [--datasets figures photo-quadrants] [--seeds 0 1 2]
     .venv/bin/python benchmarks/rerank.py --setting tuned
     .venv/bin/python benchmarks/rerank.py --select [--candidates features "top 10"]
-    .venv/bin/python benchmarks/rerank.py --select-nested --folds 0 1 2 3
-    .venv/bin/python benchmarks/rerank.py --select-budget --folds 0 1 2 3
+    .venv/bin/python benchmarks/rerank.py --select-nested [--folds 0 1 2 3]
+    .venv/bin/python benchmarks/rerank.py --select-budget
+    .venv/bin/python benchmarks/rerank.py --nested-candidates --candidates "5 epochs" "10 epochs" "40 epochs"
 """
 
 from __future__ import annotations
@@ -85,6 +87,10 @@ def images_of(dataset) -> torch.Tensor:
 CANDIDATES: dict[str, dict] = {
     "features": {},  # FeaturePairModel + fit_feature_reranker with their defaults (04's "features")
     "list 20": {"list_size": 20},
+    "5 epochs": {"epochs": 5},
+    "10 epochs": {"epochs": 10},
+    "20 epochs": {"epochs": 20},
+    "40 epochs": {"epochs": 40},  # the former "features" default
     "80 epochs": {"epochs": 80},
     "8 heads": {"n_heads": 8},
     "hard pairs 0.5": {"hard_pair_weight": 0.5},
@@ -306,6 +312,21 @@ def select_budget(name: str, df: pd.DataFrame, seed: int, fold: int = 0) -> list
     return rows
 
 
+def select_nested_candidates(
+    name: str, df: pd.DataFrame, seed: int, fold: int, candidates: dict[str, dict]
+) -> list[dict]:
+    """`select_nested`'s proxy (same folds, same cached extractors) for entries of `CANDIDATES`."""
+    extractor, images, labels, held_images, baseline = nested_inputs(name, df, seed, fold)
+    rows: list[dict] = []
+    add = gain_recorder(rows, baseline, dataset=name, seed=seed, fold=fold)
+    for label, setting in candidates.items():
+        torch.manual_seed(seed)
+        model, top_n, _ = fit_setting(extractor, images, labels, setting, seed)
+        add(label, rerank.PairwiseReranker(top_n, model).rerank(baseline, held_images))
+    print(pd.DataFrame(rows).round(4).to_string(index=False), flush=True)
+    return rows
+
+
 def select_nested(name: str, df: pd.DataFrame, seed: int, fold: int = 0) -> list[dict]:
     """Held-out-train scores with held-out classes unseen by the extractor too (`nested_frame`): an
     extractor is trained with the 01 defaults on the other train classes (cached as `<name>-nested` for fold
@@ -465,6 +486,11 @@ def main(argv: list[str] | None = None) -> int:
         help="--select-nested's proxy for longer fine-tuning within the extractor's CPU budget (BUDGET_RUNS)",
     )
     parser.add_argument(
+        "--nested-candidates",
+        action="store_true",
+        help="--select-nested's proxy for the --candidates (entries of CANDIDATES)",
+    )
+    parser.add_argument(
         "--folds",
         nargs="+",
         type=int,
@@ -482,26 +508,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pd.set_option("display.width", 250)
-    if args.select or args.select_tuned or args.select_nested or args.select_budget:
+    nested = args.select_nested or args.select_budget or args.nested_candidates
+    if args.select or args.select_tuned or nested:
         chosen = {k: CANDIDATES[k] for k in args.candidates}
-        picked = [
-            r
-            for n in args.datasets
-            for s in args.seeds
-            for r in (
-                [
-                    row
-                    for fold in args.folds
-                    for row in (select_budget if args.select_budget else select_nested)(
-                        n, data.load_dataset(dataset_source(n), seed=0), s, fold
-                    )
-                ]
-                if args.select_nested or args.select_budget
-                else select_tuned(n, data.load_dataset(dataset_source(n), seed=0), s)
-                if args.select_tuned
-                else select_one(n, data.load_dataset(dataset_source(n), seed=0), s, chosen)
-            )
-        ]
+
+        def selection_rows(name: str, seed: int) -> list[dict]:
+            df = data.load_dataset(dataset_source(name), seed=0)
+            if args.nested_candidates:
+                return [r for f in args.folds for r in select_nested_candidates(name, df, seed, f, chosen)]
+            if nested:
+                select = select_budget if args.select_budget else select_nested
+                return [r for f in args.folds for r in select(name, df, seed, f)]
+            if args.select_tuned:
+                return select_tuned(name, df, seed)
+            return select_one(name, df, seed, chosen)
+
+        picked = [r for n in args.datasets for s in args.seeds for r in selection_rows(n, s)]
         frame = pd.DataFrame(picked)
         if args.csv:
             frame.to_csv(args.csv, index=False)
