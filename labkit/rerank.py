@@ -19,7 +19,7 @@ A fine-tuned alternative (04's `pair_model = "tuned"`):
   train image's nearest train neighbours under the extractor; hinge ranking loss inside each list plus a
   batch-all triplet loss, the extractor's training augmentation) for a fixed number of steps. Cost: `epochs *
   steps_per_epoch` forward and backward passes of about `queries_per_step * (1 + list_size)` images, plus one
-  encoding of the train split (5-8x the frozen-backbone model's training).
+  encoding of the train split (4-10x the frozen-backbone model's training).
 
 Kept for comparison (OML's layout):
 - `mine_pairs`: the hardest positive and hardest negative pair of every anchor in a batch (or all pairs).
