@@ -700,6 +700,11 @@ def _to_tensor() -> Callable:
     return transforms.ToTensor()
 
 
+# The training augmentation's random resized crop (also applied on tensors by labkit.rerank's fine-tuning).
+TRAIN_CROP_SCALE = (0.8, 1.0)
+TRAIN_CROP_RATIO = (0.9, 1.1)
+
+
 def make_transforms(data_config: dict, *, train: bool, full_image: bool = True) -> Callable:
     """timm transform for a backbone's data config (input_size, interpolation, mean, std, crop_pct).
 
@@ -720,7 +725,12 @@ def make_transforms(data_config: dict, *, train: bool, full_image: bool = True) 
     }
     if train:
         return create_transform(
-            **kwargs, is_training=True, scale=(0.8, 1.0), ratio=(0.9, 1.1), hflip=0.5, color_jitter=None
+            **kwargs,
+            is_training=True,
+            scale=TRAIN_CROP_SCALE,
+            ratio=TRAIN_CROP_RATIO,
+            hflip=0.5,
+            color_jitter=None,
         )
     return create_transform(**kwargs, is_training=False)
 

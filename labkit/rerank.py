@@ -1349,8 +1349,10 @@ def _tensor_augmentation(data_config: dict):
     a horizontal flip, no colour change) on one normalised (C, H, W) tensor."""
     import torchvision.transforms.v2 as T
 
+    from labkit.data import TRAIN_CROP_RATIO, TRAIN_CROP_SCALE
+
     side = tuple(data_config["input_size"][-2:])
-    crop = T.RandomResizedCrop(side, scale=(0.8, 1.0), ratio=(0.9, 1.1), antialias=True)
+    crop = T.RandomResizedCrop(side, scale=TRAIN_CROP_SCALE, ratio=TRAIN_CROP_RATIO, antialias=True)
     return T.Compose([crop, T.RandomHorizontalFlip()])
 
 
