@@ -134,6 +134,20 @@ def embed(extractor, images: torch.Tensor) -> torch.Tensor:
         return torch.cat([extractor(images[i : i + 256]) for i in range(0, len(images), 256)])
 
 
+def reranked_at_weights(tuned, baseline, encoded: torch.Tensor, weights) -> list[tuple[float, object]]:
+    """[(weight, `baseline` with its top 5 re-ranked by `tuned` at that weight)] from encoded items; the
+    model's own weight is restored."""
+    saved = tuned.weight
+    try:
+        out = []
+        for weight in weights:
+            tuned.weight = weight
+            out.append((weight, rerank.rerank_encoded(baseline, encoded, tuned, 5)))
+        return out
+    finally:
+        tuned.weight = saved
+
+
 def train_inputs(name: str, df: pd.DataFrame, seed: int):
     """(extractor in eval mode, train images, train labels, their embeddings) of (dataset, seed)."""
     extractor, _ = trained_extractor(name, df, seed)
@@ -207,15 +221,11 @@ def select_tuned(name: str, df: pd.DataFrame, seed: int, outer_folds: int = 4) -
             if epoch not in TUNED_EPOCHS:
                 return
             encoded = rerank.encode_items(model, images[held_ids], torch.arange(len(held_ids)))
-            for weight in TUNED_WEIGHTS:
-                model.weight = weight
-                new = rerank.method_summary(
-                    rerank.rerank_encoded(baseline, encoded, model, 5), seconds=0, columns=METRICS
-                )
+            for weight, results in reranked_at_weights(model, baseline, encoded, TUNED_WEIGHTS):
+                new = rerank.method_summary(results, seconds=0, columns=METRICS)
                 gains.setdefault(f"tuned e{epoch} w{weight:g}", []).append(
                     {m: new[m] - base[m] for m in METRICS}
                 )
-            model.weight = 1.0
 
         torch.manual_seed(seed)
         model = rerank.TunedPairModel(extractor)
@@ -300,10 +310,8 @@ def select_budget(name: str, df: pd.DataFrame, seed: int, fold: int = 0) -> list
         def measure(epoch: int, tuned, label=label, measured=measured) -> None:
             if epoch in measured:
                 encoded = rerank.encode_listed(tuned, baseline, held_images, 5)
-                for weight in BUDGET_WEIGHTS:
-                    tuned.weight = weight
-                    add(f"{label} e{epoch} w{weight:g}", rerank.rerank_encoded(baseline, encoded, tuned, 5))
-                tuned.weight = 1.0
+                for weight, results in reranked_at_weights(tuned, baseline, encoded, BUDGET_WEIGHTS):
+                    add(f"{label} e{epoch} w{weight:g}", results)
 
         torch.manual_seed(seed)
         tuned = rerank.TunedPairModel(extractor)
