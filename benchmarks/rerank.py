@@ -38,6 +38,8 @@ seeds, the smallest over datasets and {cmc@1, map@5}.
     .venv/bin/python benchmarks/rerank.py --select-nested [--folds 0 1 2 3]
     .venv/bin/python benchmarks/rerank.py --select-budget
     .venv/bin/python benchmarks/rerank.py --nested-candidates --candidates "5 epochs" "10 epochs" "40 epochs"
+    .venv/bin/python benchmarks/rerank.py --nested-candidates --candidates "10 epochs" "10 epochs, top 3" \
+        "10 epochs, views 4" "10 epochs, 8 heads" "10 epochs, list 20"     # the fourth round
 """
 
 from __future__ import annotations
@@ -104,6 +106,13 @@ CANDIDATES: dict[str, dict] = {
     "elementwise": {"elementwise": True},
     "elementwise, mlp 32": {"elementwise": True, "hidden_dims": [32]},
     "tuned": {"model": "tuned"},  # TunedPairModel + fit_tuned_reranker with their defaults
+    # Fourth round (--nested-candidates, written down before its results; "10 epochs" = the default, reference):
+    # re-order only the first 3 (fewer, surer flips), turned views (figures' shapes are randomly rotated),
+    # 8 cross-fitted heads (more averaging), lists of 20 (more negatives per list).
+    "10 epochs, top 3": {"epochs": 10, "top_n": 3},
+    "10 epochs, views 4": {"epochs": 10, "views": 4},
+    "10 epochs, 8 heads": {"epochs": 10, "n_heads": 8},
+    "10 epochs, list 20": {"epochs": 10, "list_size": 20},
 }
 
 
