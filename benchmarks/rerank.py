@@ -106,7 +106,7 @@ CANDIDATES: dict[str, dict] = {
     "elementwise": {"elementwise": True},
     "elementwise, mlp 32": {"elementwise": True, "hidden_dims": [32]},
     "tuned": {"model": "tuned"},  # TunedPairModel + fit_tuned_reranker with their defaults
-    # Fourth round (--nested-candidates, written down before its results; "10 epochs" = the default, reference):
+    # Fourth round (--nested-candidates, written before its results; reference "10 epochs" = the default):
     # re-order only the first 3 (fewer, surer flips), turned views (figures' shapes are randomly rotated),
     # 8 cross-fitted heads (more averaging), lists of 20 (more negatives per list).
     "10 epochs, top 3": {"epochs": 10, "top_n": 3},
