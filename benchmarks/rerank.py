@@ -358,8 +358,8 @@ def select_nested(name: str, df: pd.DataFrame, seed: int, fold: int = 0) -> list
     model, top_n, _ = fit_setting(extractor, images, labels, CANDIDATES["features"], seed)
     add("features", rerank.PairwiseReranker(top_n, model).rerank(baseline, held_images))
     encoded_features = rerank.encode_listed(model, baseline, held_images, 5)
-    top = baseline.retrieved[:, :5]
-    queries, items = baseline.query_ids[:, None].expand_as(top).reshape(-1), top.reshape(-1)
+    valid, queries, items = rerank.listed_pairs(baseline, 5)
+    assert valid.all(), "every held-out query has at least 5 results"
     distances = baseline.distances[:, :5].float()
     with torch.no_grad():
         scored = model.score(encoded_features[queries], encoded_features[items], distances.reshape(-1))
@@ -513,7 +513,8 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=[0, 1, 2, 3],
         choices=range(4),
-        help="with --select-nested or --select-budget: train class folds held out in turn (0-3), averaged",
+        help="with --select-nested, --select-budget or --nested-candidates: train class folds held out in "
+        "turn (0-3), averaged",
     )
     parser.add_argument(
         "--select-tuned",

@@ -373,10 +373,9 @@ class PairwiseReranker:
         retrieved, distances = results.retrieved, results.distances
         n = min(self.top_n, retrieved.shape[1])
         top = retrieved[:, :n]
-        valid = top >= 0
-        queries = results.query_ids[:, None].expand_as(top)
+        valid, queries, items = listed_pairs(results, n)
         logits = torch.full(top.shape, -float("inf"))
-        logits[valid] = self.score_pairs(dataset_or_images, queries[valid], top[valid], progress=progress)
+        logits[valid] = self.score_pairs(dataset_or_images, queries, items, progress=progress)
         order = torch.argsort(-logits, dim=1, stable=True)  # padding (-inf) stays last
         new_top = top.gather(1, order)
         new_top_dist = torch.where(valid.gather(1, order), torch.sigmoid(-logits.gather(1, order)), torch.inf)
@@ -952,6 +951,14 @@ def encode_listed(
     return encoded
 
 
+def listed_pairs(results, n: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The (query, item) pairs of every query's first n results, as `(valid, queries, items)`: `valid` (Q, n)
+    marks the real results (not padding), `queries` and `items` list the valid pairs' ids row by row."""
+    top = results.retrieved[:, :n]
+    valid = top >= 0
+    return valid, results.query_ids[:, None].expand_as(top)[valid], top[valid]
+
+
 def _rerank_scores(results, scores: Tensor, n: int):
     """`results` with each row's first n items sorted by `scores` (Q, n; ascending, +inf = padding)."""
     retrieved, distances = results.retrieved, results.distances
@@ -981,10 +988,8 @@ def rerank_encoded(
     """`results` with each query's top_n re-ordered by `model.score` from encoded items (row i = item i;
     only the rows of queries and top_n items are read; `head`: one head alone). Ties keep their order."""
     n = min(int(top_n), results.retrieved.shape[1])
-    top = results.retrieved[:, :n]
-    valid = top >= 0
-    queries = results.query_ids[:, None].expand_as(top)[valid]
-    items, base = top[valid], results.distances[:, :n][valid]
+    valid, queries, items = listed_pairs(results, n)
+    base = results.distances[:, :n][valid]
     was_training = model.training
     model.eval()
     try:
@@ -999,7 +1004,7 @@ def rerank_encoded(
         ]
     finally:
         model.train(was_training)
-    scores = torch.full(top.shape, torch.inf)
+    scores = torch.full(valid.shape, torch.inf)
     scores[valid] = torch.cat(out) if out else torch.zeros(0)
     return _rerank_scores(results, scores, n)
 
@@ -1010,12 +1015,10 @@ class _FixedLists:
 
     def __init__(self, results, encoded: Tensor, model: FeaturePairModel, top_n: int) -> None:
         self.results, self.n = results, min(int(top_n), results.retrieved.shape[1])
-        top = results.retrieved[:, : self.n]
-        self.valid = top >= 0
-        queries = results.query_ids[:, None].expand_as(top)[self.valid]
+        self.valid, queries, items = listed_pairs(results, self.n)
         self.base = results.distances[:, : self.n][self.valid].float()
         with torch.no_grad():
-            self.raw = model.interactions(encoded[queries], encoded[top[self.valid]], self.base)
+            self.raw = model.interactions(encoded[queries], encoded[items], self.base)
 
     @torch.no_grad()
     def rerank(self, model: FeaturePairModel, head: int | None = None):
