@@ -40,6 +40,7 @@ seeds, the smallest over datasets and {cmc@1, map@5}.
     .venv/bin/python benchmarks/rerank.py --nested-candidates --candidates "5 epochs" "10 epochs" "40 epochs"
     .venv/bin/python benchmarks/rerank.py --nested-candidates --candidates "10 epochs" "10 epochs, top 3" \
         "10 epochs, views 4" "10 epochs, 8 heads" "10 epochs, list 20"     # the fourth round
+    .venv/bin/python benchmarks/rerank.py --tables rows-a.csv rows-b.csv   # selection table of saved rows
     .venv/bin/python benchmarks/rerank.py --nested-candidates --seeds 0 1 2 3 4 --candidates "10 epochs" \
         "10 epochs, top 3" "10 epochs, views 4" "10 epochs, 8 heads" "10 epochs, list 20" "20 epochs" \
         "40 epochs"                                                          # the fifth round
@@ -419,6 +420,17 @@ def selection_table(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def saved_rows(paths: list[str]) -> pd.DataFrame:
+    """The rows of selection runs saved with --csv, joined; a row key given twice is an error."""
+    rows = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+    key = [c for c in ("dataset", "seed", "fold", "candidate") if c in rows]
+    twice = rows[rows.duplicated(key, keep=False)]
+    if len(twice):
+        keys = twice[key].drop_duplicates().values.tolist()
+        raise SystemExit(f"error: {len(keys)} rows given twice in {paths}, e.g. {keys[:3]}: give each once")
+    return rows
+
+
 def run_one(
     name: str,
     df: pd.DataFrame,
@@ -528,11 +540,22 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="--select for the fine-tuned pair model's grid (TUNED_EPOCHS x TUNED_WEIGHTS) and stop",
     )
+    parser.add_argument(
+        "--tables",
+        nargs="+",
+        default=[],
+        metavar="CSV",
+        help="print the selection table of rows saved by selection runs' --csv (several runs' rows "
+        "joined, e.g. more seeds) and stop; a (dataset, seed, fold, candidate) given twice is an error",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--setting", default="features", help="the CANDIDATES entry validated (04's default)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pd.set_option("display.width", 250)
+    if args.tables:
+        print(selection_table(saved_rows(args.tables)).to_string(index=False))
+        return 0
     nested = args.select_nested or args.select_budget or args.nested_candidates
     if args.select or args.select_tuned or nested:
         chosen = {k: CANDIDATES[k] for k in args.candidates}

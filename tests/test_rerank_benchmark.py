@@ -55,3 +55,23 @@ def test_selection_table_averages_folds_per_seed_then_applies_the_rule(bench):
 def test_pass_epochs_draws_about_one_list_per_train_image(bench):
     assert [bench.pass_epochs(n) for n in (40, 480, 640, 1056)] == [1, 6, 8, 13]
     assert np.isclose(bench.pass_epochs(1056, queries_per_step=4), 26)
+
+
+def test_tables_joins_saved_runs_and_refuses_a_row_given_twice(bench, tmp_path, capsys):
+    def run(seeds, path):
+        rows = [
+            {"dataset": "figures", "seed": s, "fold": 0, "candidate": "a", "gain cmc@1": 0.01 * (s + 1),
+             "gain map@5": 0.02, "gain precision@5": 0.0}
+            for s in seeds
+        ]  # fmt: skip
+        pd.DataFrame(rows).to_csv(path, index=False)
+        return str(path)
+
+    first, second = run([0, 1], tmp_path / "a.csv"), run([2], tmp_path / "b.csv")
+    assert bench.main(["--tables", first, second]) == 0
+    out = capsys.readouterr().out
+    assert "+0.0200 ± 0.0100" in out  # cmc@1 over seeds 0-2: 0.01, 0.02, 0.03
+    table = bench.selection_table(bench.saved_rows([first, second]))
+    assert table.loc[0, "min(mean - 2 std)"] == pytest.approx(0.0, abs=1e-9)  # 0.02 - 2 * 0.01
+    with pytest.raises(SystemExit, match="1 rows given twice"):
+        bench.main(["--tables", first, run([1], tmp_path / "c.csv")])
