@@ -1165,8 +1165,8 @@ def fit_feature_reranker(
     is held out once and no choice rests on a handful of classes. With `val_results` (the extractor's
     validation `RetrievalResults`) and `val_images`, the validation metrics of the averaged heads are recorded
     per epoch for the plot only: they never choose anything. The default cap of 10 epochs (was 40) did best
-    among 5, 10, 20 and 40 on class folds of the train split unseen by the extractor too
-    (`benchmarks/rerank.py --nested-candidates`).
+    among 5, 10, 20 and 40 on class folds of the train split unseen by the extractor too, and again against 20
+    and 40 over seeds 0-4 (`benchmarks/rerank.py --nested-candidates`).
 
     History: one row per epoch (0 = before training) with `loss`, `holdout/cmc@1`, `holdout/precision@5`,
     `holdout/map@5` (means over the folds), the validation metrics when given, and `chosen` (True on the
