@@ -41,6 +41,7 @@ seeds, the smallest over datasets and {cmc@1, map@5}.
     .venv/bin/python benchmarks/rerank.py --nested-candidates --candidates "10 epochs" "10 epochs, top 3" \
         "10 epochs, views 4" "10 epochs, 8 heads" "10 epochs, list 20"     # the fourth round
     .venv/bin/python benchmarks/rerank.py --tables rows-a.csv rows-b.csv   # selection table of saved rows
+    .venv/bin/python benchmarks/rerank.py --train-leave-one-out --seeds 0   # how hard the training lists are
     .venv/bin/python benchmarks/rerank.py --nested-candidates --seeds 0 1 2 3 4 --candidates "10 epochs" \
         "10 epochs, top 3" "10 epochs, views 4" "10 epochs, 8 heads" "10 epochs, list 20" "20 epochs" \
         "40 epochs"                                                          # the fifth round
@@ -420,6 +421,16 @@ def selection_table(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
+def train_leave_one_out(name: str, df: pd.DataFrame, seed: int) -> dict:
+    """The extractor's retrieval within its own train split (each train image a query against the others):
+    how hard the lists the re-ranker trains on are, next to the validation baseline."""
+    _, _, labels, emb = train_inputs(name, df, seed)
+    every = torch.ones(len(labels), dtype=torch.bool)
+    results = retrieval.retrieve(emb, labels, every, every, k=10)
+    within = rerank.method_summary(results, seconds=0, columns=METRICS)
+    return {"dataset": name, "seed": seed, **{f"train {m}": within[m] for m in METRICS}}
+
+
 def saved_rows(paths: list[str]) -> pd.DataFrame:
     """The rows of selection runs saved with --csv, joined; a row key given twice is an error."""
     rows = pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
@@ -548,11 +559,25 @@ def main(argv: list[str] | None = None) -> int:
         help="print the selection table of rows saved by selection runs' --csv (several runs' rows "
         "joined, e.g. more seeds) and stop; a (dataset, seed, fold, candidate) given twice is an error",
     )
+    parser.add_argument(
+        "--train-leave-one-out",
+        action="store_true",
+        help="the extractors' retrieval within their own train split (how hard the re-ranker's training "
+        "lists are) and stop",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--setting", default="features", help="the CANDIDATES entry validated (04's default)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pd.set_option("display.width", 250)
+    if args.train_leave_one_out:
+        rows = [
+            train_leave_one_out(n, data.load_dataset(dataset_source(n), seed=0), s)
+            for n in args.datasets
+            for s in args.seeds
+        ]
+        print(pd.DataFrame(rows).round(4).to_string(index=False))
+        return 0
     if args.tables:
         print(selection_table(saved_rows(args.tables)).to_string(index=False))
         return 0
