@@ -89,6 +89,12 @@ def images_of(dataset) -> torch.Tensor:
     return torch.stack([dataset[i]["input_tensors"] for i in range(len(dataset))])
 
 
+def retrieve_among(embeddings: torch.Tensor, labels: torch.Tensor):
+    """Retrieval among the given items alone, every one a query against all the others (k=10)."""
+    every = torch.ones(len(labels), dtype=torch.bool)
+    return retrieval.retrieve(embeddings, labels, every, every, k=10)
+
+
 # Re-ranker settings compared by --select on held-out TRAIN classes only ({} = the library defaults).
 # Keys: FeaturePairModel's (MODEL_KEYS); fit_feature_reranker's top_n, list_size, epochs, hard_pair_weight.
 CANDIDATES: dict[str, dict] = {
@@ -199,8 +205,7 @@ def select_one(
     outer = []
     for held in rerank.class_folds(labels.numpy(), outer_folds, seed=1000 + seed):
         held_ids = torch.nonzero(torch.as_tensor(held)).squeeze(1)
-        every = torch.ones(len(held_ids), dtype=torch.bool)
-        baseline = retrieval.retrieve(emb[held_ids], labels[held_ids], every, every, k=10)
+        baseline = retrieve_among(emb[held_ids], labels[held_ids])
         outer.append((~torch.as_tensor(held), held_ids, baseline))
     rows = []
     for label, setting in candidates.items():
@@ -230,8 +235,7 @@ def select_tuned(name: str, df: pd.DataFrame, seed: int, outer_folds: int = 4) -
     for held in rerank.class_folds(labels.numpy(), outer_folds, seed=1000 + seed):
         held_t = torch.as_tensor(held)
         held_ids = torch.nonzero(held_t).squeeze(1)
-        every = torch.ones(len(held_ids), dtype=torch.bool)
-        baseline = retrieval.retrieve(emb[held_ids], labels[held_ids], every, every, k=10)
+        baseline = retrieve_among(emb[held_ids], labels[held_ids])
         base = rerank.method_summary(baseline, seconds=0, columns=METRICS)
         bases.append(base)
 
@@ -425,9 +429,7 @@ def train_leave_one_out(name: str, df: pd.DataFrame, seed: int) -> dict:
     """The extractor's retrieval within its own train split (each train image a query against the others):
     how hard the lists the re-ranker trains on are, next to the validation baseline."""
     _, _, labels, emb = train_inputs(name, df, seed)
-    every = torch.ones(len(labels), dtype=torch.bool)
-    results = retrieval.retrieve(emb, labels, every, every, k=10)
-    within = rerank.method_summary(results, seconds=0, columns=METRICS)
+    within = rerank.method_summary(retrieve_among(emb, labels), seconds=0, columns=METRICS)
     return {"dataset": name, "seed": seed, **{f"train {m}": within[m] for m in METRICS}}
 
 
@@ -571,11 +573,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     pd.set_option("display.width", 250)
     if args.train_leave_one_out:
-        rows = [
-            train_leave_one_out(n, data.load_dataset(dataset_source(n), seed=0), s)
-            for n in args.datasets
-            for s in args.seeds
-        ]
+        frames = {n: data.load_dataset(dataset_source(n), seed=0) for n in args.datasets}
+        rows = [train_leave_one_out(n, df, s) for n, df in frames.items() for s in args.seeds]
         print(pd.DataFrame(rows).round(4).to_string(index=False))
         return 0
     if args.tables:
