@@ -118,6 +118,8 @@ CANDIDATES: dict[str, dict] = {
     "elementwise": {"elementwise": True},
     "elementwise, mlp 32": {"elementwise": True, "hidden_dims": [32]},
     "tuned": {"model": "tuned"},  # TunedPairModel + fit_tuned_reranker with their defaults
+    # CombinedPairModel.from_extractor + fit_combined_reranker with their defaults (04's "features+tuned")
+    "features + tuned": {"model": "both"},
     # Fourth round (--nested-candidates, written before its results; reference "10 epochs" = the default):
     # re-order only the first 3 (fewer, surer flips), turned views (figures' shapes are randomly rotated),
     # 8 cross-fitted heads (more averaging), lists of 20 (more negatives per list).
@@ -141,9 +143,15 @@ TUNED_WEIGHTS = (0.5, 1.0, 2.0)
 
 def fit_setting(extractor, images, labels, setting: dict, seed: int):
     """The re-ranker trained with `setting` on (images, labels): (model, top_n, history). Setting "model":
-    "tuned" gives a `TunedPairModel` (key "weight") fitted by `fit_tuned_reranker`; else FeaturePairModel."""
+    "tuned" gives a `TunedPairModel` (key "weight") fitted by `fit_tuned_reranker`; "both" a
+    `CombinedPairModel` (key "weight") fitted by `fit_combined_reranker`; else FeaturePairModel."""
     setting = dict(setting)
-    if setting.pop("model", "features") == "tuned":
+    kind = setting.pop("model", "features")
+    if kind == "both":
+        model = rerank.CombinedPairModel.from_extractor(extractor, **setting)
+        model, history = rerank.fit_combined_reranker(model, images, labels, seed=seed)
+        return model, 5, history
+    if kind == "tuned":
         model = rerank.TunedPairModel(extractor, weight=setting.pop("weight", 1.0))
         model, history = rerank.fit_tuned_reranker(model, images, labels, seed=seed, **setting)
         return model, int(setting.get("top_n", 5)), history

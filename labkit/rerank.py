@@ -21,6 +21,10 @@ A fine-tuned alternative (04's `pair_model = "tuned"`):
   steps_per_epoch` forward and backward passes of about `queries_per_step * (1 + list_size)` images, plus one
   encoding of the train split (4-10x the frozen-backbone model's training).
 
+Both at once (04's `pair_model = "features+tuned"`): `CombinedPairModel` adds the head's correction and
+weight x the tuned copy's distance to the extractor's distance; `fit_combined_reranker` fits the two models
+as above, one after the other (the cost of both).
+
 Kept for comparison (OML's layout):
 - `mine_pairs`: the hardest positive and hardest negative pair of every anchor in a batch (or all pairs).
 - `PairwiseModel`: a timm backbone that sees both images of a pair at once (concatenated along the channel
@@ -53,6 +57,8 @@ from timm.models import adapt_input_conv
 from torch import Tensor, nn
 
 CONCAT_MODES = ("channels", "height")
+# 04's `pair_model` values: the frozen-feature head, the fine-tuned copy, both, OML's layouts
+PAIR_MODELS = ("features", "tuned", "features+tuned", *CONCAT_MODES)
 
 
 # ----------------------------------------------------------------------------------------------- mining
@@ -253,18 +259,18 @@ def _plain(value: Any) -> Any:
 
 
 def save_pairwise(
-    model: PairwiseModel | FeaturePairModel | TunedPairModel,
+    model: PairwiseModel | FeaturePairModel | TunedPairModel | CombinedPairModel,
     path: str | os.PathLike,
     *,
     overwrite: bool = False,
 ) -> Path:
-    """Save config + weights (a `FeaturePairModel` or `TunedPairModel`: its extractor's too) to `path`;
-    refuses to replace an existing file unless overwrite=True."""
+    """Save config + weights (a `FeaturePairModel`, `TunedPairModel` or `CombinedPairModel`: its extractor's
+    too) to `path`; refuses to replace an existing file unless overwrite=True."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it, or choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(model, (FeaturePairModel, TunedPairModel)):
+    if isinstance(model, _ENCODED_MODELS):
         payload = {
             "kind": f"labkit.{type(model).__name__}",
             "config": model.config,
@@ -277,22 +283,29 @@ def save_pairwise(
     return path
 
 
-def load_pairwise(path: str | os.PathLike) -> PairwiseModel | FeaturePairModel | TunedPairModel:
-    """A `PairwiseModel`, `FeaturePairModel` or `TunedPairModel` saved by `save_pairwise` (the latter two in
-    eval mode)."""
+def load_pairwise(
+    path: str | os.PathLike,
+) -> PairwiseModel | FeaturePairModel | TunedPairModel | CombinedPairModel:
+    """A `PairwiseModel`, `FeaturePairModel`, `TunedPairModel` or `CombinedPairModel` saved by `save_pairwise`
+    (all but the first in eval mode)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"no pairwise model at {path}; train one with rerank.fit_tuned_reranker, fit_feature_reranker "
-            "or train_pairwise"
+            f"no pairwise model at {path}; train one with rerank.fit_feature_reranker, fit_tuned_reranker, "
+            "fit_combined_reranker or train_pairwise"
         )
     data = torch.load(path, map_location="cpu", weights_only=False)
     kind = data.get("kind") if isinstance(data, dict) else None
-    if kind in ("labkit.FeaturePairModel", "labkit.TunedPairModel"):
+    if kind in ("labkit.FeaturePairModel", "labkit.TunedPairModel", "labkit.CombinedPairModel"):
         from labkit.models import create_extractor
 
-        kind_class = FeaturePairModel if kind == "labkit.FeaturePairModel" else TunedPairModel
-        model = kind_class(create_extractor(**data["extractor_config"]), **data["config"])
+        extractor, config = create_extractor(**data["extractor_config"]), data["config"]
+        if kind == "labkit.CombinedPairModel":
+            features = FeaturePairModel(extractor, **config["features"])
+            model = CombinedPairModel(features, TunedPairModel(extractor, **config["tuned"]))
+        else:
+            kind_class = FeaturePairModel if kind == "labkit.FeaturePairModel" else TunedPairModel
+            model = kind_class(extractor, **config)
         model.load_state_dict(data["state_dict"])
         return model.eval()
     if kind != "labkit.PairwiseModel":
@@ -326,9 +339,10 @@ class PairwiseReranker:
     """Re-scores each query's first `top_n` results with a pairwise model.
 
     The top_n items are sorted by the model's score (ties keep their order) and placed before the remaining
-    results, whose order is unchanged; every item is kept. A `TunedPairModel` or `FeaturePairModel` scores a
-    pair as the results' distance plus its correction (lowest first; the new distance); a `PairwiseModel`
-    gives a logit (highest first; new distance: 1 - sigmoid(logit), the probability that the pair differs).
+    results, whose order is unchanged; every item is kept. A `FeaturePairModel`, `TunedPairModel` or
+    `CombinedPairModel` scores a pair as the results' distance plus its correction (lowest first; the new
+    distance); a `PairwiseModel` gives a logit (highest first; new distance: 1 - sigmoid(logit), the
+    probability that the pair differs).
     The rest keep their distances, shifted up by the least amount that keeps each row ascending. After
     `rerank`, `pairs_scored` and `seconds` describe the last call.
     """
@@ -368,7 +382,7 @@ class PairwiseReranker:
         `dataset_or_images`: a dataset whose item i is item id i of the results (items with
         "input_tensors", transformed for the model) or an (N, C, H, W) tensor."""
         started = time.perf_counter()
-        if isinstance(self.model, (FeaturePairModel, TunedPairModel)):
+        if isinstance(self.model, _ENCODED_MODELS):
             return self._rerank_features(results, dataset_or_images, started)
         retrieved, distances = results.retrieved, results.distances
         n = min(self.top_n, retrieved.shape[1])
@@ -391,8 +405,9 @@ class PairwiseReranker:
         return results.reordered(torch.cat([new_top, rest], dim=1), new_dist)
 
     def _rerank_features(self, results, images: Any, started: float):
-        """A `FeaturePairModel` or `TunedPairModel`: every item among the queries and their top_n is encoded
-        once, then each pair is scored as distance + correction (the results' own distances)."""
+        """A `FeaturePairModel`, `TunedPairModel` or `CombinedPairModel`: every item among the queries and
+        their top_n is encoded once, then each pair is scored as distance + correction (the results' own
+        distances)."""
         n = min(self.top_n, results.retrieved.shape[1])
         top = results.retrieved[:, :n]
         encoded = encode_listed(
@@ -1477,3 +1492,150 @@ def fit_tuned_reranker(
         n_lists=int(len(queries)),
     )
     return model, frame
+
+
+# -------------------------------------------------------------------------------- both corrections at once
+# The tuned copy's weight in `CombinedPairModel.from_extractor`: the best of 0.5, 1 and 2 on held-out train
+# classes (`benchmarks/rerank.py --select-nested --tuned-epochs 9`, the sixth round).
+COMBINED_TUNED_WEIGHT = 0.5
+
+
+class CombinedPairModel(nn.Module):
+    """score(a, b) = distance(a, b) + the `FeaturePairModel` head's correction + weight * the distance under a
+    fine-tuned copy of the extractor (`TunedPairModel`'s): both second-stage models added to one score.
+
+    Built from a `features` and a `tuned` model over the same extractor; `fit_combined_reranker` trains
+    both. Untrained (zero heads, an identical copy) it scores every pair (1 + weight) * distance, so it
+    reproduces the baseline order exactly. One flat vector per image (the feature model's encoding, then the
+    tuned copy's embedding), so a gallery is encoded once. Same interface as the other two (`encode`,
+    `embeddings`, `score`, `sizes`): `PairwiseReranker`, `rerank_encoded`, `save_pairwise` and `load_pairwise`
+    take it.
+    """
+
+    def __init__(self, features: FeaturePairModel, tuned: TunedPairModel) -> None:
+        super().__init__()
+        if not isinstance(features, FeaturePairModel) or not isinstance(tuned, TunedPairModel):
+            raise ValueError(
+                "CombinedPairModel needs a FeaturePairModel and a TunedPairModel; got "
+                f"{type(features).__name__} and {type(tuned).__name__}"
+            )
+        if features.extractor is not tuned.extractor:
+            raise ValueError("the FeaturePairModel and the TunedPairModel must share one extractor object")
+        self.features, self.tuned = features, tuned
+        self.data_config = dict(features.data_config)
+        self.sizes = [*features.sizes, tuned.sizes[1]]
+
+    @classmethod
+    def from_extractor(
+        cls, extractor: nn.Module, *, weight: float = COMBINED_TUNED_WEIGHT, **feature_kwargs: Any
+    ) -> CombinedPairModel:
+        """A `FeaturePairModel(extractor, **feature_kwargs)` and a `TunedPairModel(extractor, weight=weight)`
+        over one extractor (`weight`'s default: see `COMBINED_TUNED_WEIGHT`)."""
+        return cls(FeaturePairModel(extractor, **feature_kwargs), TunedPairModel(extractor, weight=weight))
+
+    @property
+    def extractor(self) -> nn.Module:
+        return self.features.extractor
+
+    @property
+    def weight(self) -> float:
+        return self.tuned.weight
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return {"features": dict(self.features.config), "tuned": dict(self.tuned.config)}
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """(B, F + D): the feature model's encoding, then the tuned copy's embedding."""
+        was_training = self.training
+        self.eval()
+        try:
+            return torch.cat([self.features.encode(images), self.tuned.tuned(images)], dim=1)
+        finally:
+            self.train(was_training)
+
+    def embeddings(self, encoded: Tensor) -> Tensor:
+        """The extractor's embeddings inside encoded vectors."""
+        return encoded[:, : self.sizes[0]]
+
+    def score(self, encoded1: Tensor, encoded2: Tensor, distances: Tensor, head: int | None = None) -> Tensor:
+        """(P,) `distances` + the head's correction (`head`: that head alone) + weight * tuned distances."""
+        split = sum(self.features.sizes)
+        scores = self.features.score(encoded1[:, :split], encoded2[:, :split], distances, head)
+        tuned = (encoded1[:, split:] - encoded2[:, split:]).norm(dim=1)
+        return scores + self.tuned.weight * tuned
+
+    def forward(self, images1: Tensor, images2: Tensor, distances: Tensor | None = None) -> Tensor:
+        """(B,) scores of image pairs (`distances` default: the extractor's Euclidean one)."""
+        e1, e2 = self.encode(images1), self.encode(images2)
+        if distances is None:
+            distances = (self.embeddings(e1) - self.embeddings(e2)).norm(dim=1)
+        return self.score(e1, e2, distances)
+
+    def transforms(self, train: bool = False):
+        return self.extractor.transforms(train=train)
+
+
+def fit_combined_reranker(
+    model: CombinedPairModel,
+    train_images: Any,
+    labels: Sequence[int] | np.ndarray,
+    *,
+    top_n: int = 5,
+    feature_options: dict[str, Any] | None = None,
+    tuned_options: dict[str, Any] | None = None,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    val_results=None,
+    val_images: Any = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[CombinedPairModel, pd.DataFrame]:
+    """Fit `model.features` with `fit_feature_reranker`, then `model.tuned` with `fit_tuned_reranker`, each
+    with its defaults updated by `feature_options` / `tuned_options` and the same `seed` (the two fits are
+    independent: the result is that of fitting both models separately and adding their corrections).
+
+    History: the feature head's epochs (0 = the baseline, `stage` "features"), then the fine-tuning epochs
+    (`stage` "tuned", numbered on) with the validation metrics of the combined score when `val_results` and
+    `val_images` are given — for the plot only; nothing is chosen by them. `chosen` marks the feature head's
+    kept epoch and the last fine-tuning epoch; `history.attrs`: `best_epoch` (the head's), `tuned_epochs`,
+    `folds`, `encode_seconds`, `train_seconds` (both fits).
+    """
+    common = {"top_n": top_n, "batch_size": batch_size, "device": device, "seed": seed, "progress": progress}
+    validation = {"val_results": val_results, "val_images": val_images}
+    _, first = fit_feature_reranker(
+        model.features, train_images, labels, **validation, **common, **(feature_options or {})
+    )
+    metric_columns = [c for c in first.columns if c not in ("epoch", "loss", "chosen") and "/" not in c]
+    combined_rows: list[dict[str, Any]] = []
+
+    def measure(epoch: int, tuned: TunedPairModel) -> None:
+        if val_results is None or val_images is None or epoch == 0:
+            return
+        encoded = encode_listed(model, val_results, val_images, top_n, batch_size=batch_size, device=device)
+        combined_rows.append(
+            {"epoch": epoch, **_list_metrics(rerank_encoded(val_results, encoded, model, top_n))}
+        )
+
+    _, second = fit_tuned_reranker(
+        model.tuned, train_images, labels, on_epoch=measure, **common, **(tuned_options or {})
+    )
+    tuned = second[second["epoch"] > 0][["epoch", "loss", "chosen"]].reset_index(drop=True)
+    if combined_rows:
+        tuned = tuned.merge(pd.DataFrame(combined_rows)[["epoch", *metric_columns]], on="epoch", how="left")
+    last_feature_epoch = int(first["epoch"].max())
+    tuned["epoch"] = tuned["epoch"] + last_feature_epoch
+    history = pd.concat([first.assign(stage="features"), tuned.assign(stage="tuned")], ignore_index=True)
+    history.attrs.update(
+        best_epoch=first.attrs["best_epoch"],
+        tuned_epochs=int(second.attrs["best_epoch"]),
+        folds=first.attrs["folds"],
+        encode_seconds=first.attrs["encode_seconds"] + second.attrs["encode_seconds"],
+        train_seconds=first.attrs["train_seconds"] + second.attrs["train_seconds"],
+    )
+    return model.eval(), history
+
+
+# scored from one encoded vector per image (distance + correction): `PairwiseReranker` encodes each item once
+_ENCODED_MODELS = (FeaturePairModel, TunedPairModel, CombinedPairModel)

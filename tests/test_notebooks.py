@@ -199,21 +199,31 @@ def test_04_rerank_reports_every_method(tiny_run):
 
 
 @pytest.mark.slow
-def test_04_rerank_fine_tuned_model_on_a_copy_of_the_run(tiny_run, tmp_path, execute_notebook):
-    """04 with pair_model "tuned" (the fine-tuned copy of the extractor), on a copy of the tiny run folder."""
+@pytest.mark.parametrize("pair_model", ["tuned", "features+tuned"])
+def test_04_rerank_fine_tuned_model_on_a_copy_of_the_run(tiny_run, tmp_path, execute_notebook, pair_model):
+    """04 with pair_model "tuned" (the fine-tuned copy of the extractor) or "features+tuned" (both
+    corrections), on a copy of the tiny run folder."""
     import shutil
 
     import pandas as pd
 
+    from labkit.rerank import CombinedPairModel, TunedPairModel, load_pairwise
+
     run = shutil.copytree(tiny_run.run_dir, tmp_path / "run")
     declared = pipeline.notebook_parameters(notebooks_dir() / "04_rerank.ipynb")
     params = {k: v for k, v in TINY.items() if k in declared}
-    execute_notebook("04_rerank", {**params, "pair_model": "tuned", "overwrite": True}, run)
+    execute_notebook("04_rerank", {**params, "pair_model": pair_model, "overwrite": True}, run)
     metrics = json.loads((run / "metrics.json").read_text())["rerank"]
-    assert metrics["pair_model"] == "tuned"
+    assert metrics["pair_model"] == pair_model
     history = pd.read_csv(run / "reranker" / "train_history.csv")
-    assert list(history["epoch"]) == [0, 1] and list(history["step"]) == [0, 10]
+    if pair_model == "tuned":
+        assert list(history["epoch"]) == [0, 1] and list(history["step"]) == [0, 10]
+    else:  # the head's epochs 0-1, then one fine-tuning epoch
+        assert list(history["epoch"]) == [0, 1, 2]
+        assert list(history["stage"]) == ["features", "features", "tuned"]
     assert history.loc[0, "cmc@1"] == pytest.approx(metrics["methods"]["baseline"]["cmc@1"])
+    model = load_pairwise(run / "reranker" / "pairwise.pt")
+    assert type(model) is (TunedPairModel if pair_model == "tuned" else CombinedPairModel)
 
 
 @pytest.mark.slow

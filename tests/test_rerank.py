@@ -512,6 +512,72 @@ def test_fit_tuned_reranker_trains_the_copy_only_and_reloads_identically(figures
         fit_tuned_reranker(model, train_images, train.labels, epochs=-1)
 
 
+# ------------------------------------------------------------------------------- both corrections at once
+def test_untrained_combined_reranker_returns_exactly_the_baseline(figures_df):
+    from labkit.rerank import CombinedPairModel, FeaturePairModel, TunedPairModel
+
+    extractor, _, _, valid_images, results = _feature_setup(figures_df)
+    model = CombinedPairModel(FeaturePairModel(extractor, n_stages=2), TunedPairModel(extractor, weight=0.5))
+    encoded = model.encode(valid_images[:4])
+    torch.testing.assert_close(model.embeddings(encoded), extractor(valid_images[:4]), atol=1e-6, rtol=1e-5)
+    d = (model.embeddings(encoded[:2]) - model.embeddings(encoded[2:])).norm(dim=1)
+    torch.testing.assert_close(model.score(encoded[:2], encoded[2:], d), 1.5 * d)  # zero heads, same copy
+    out = PairwiseReranker(5, model, batch_size=16).rerank(results, valid_images)
+    assert torch.equal(out.retrieved, results.retrieved)
+    assert torch.equal(out.relevant, results.relevant)
+    with pytest.raises(ValueError, match="share one extractor"):
+        CombinedPairModel(FeaturePairModel(extractor, n_stages=2), TunedPairModel(_tiny_extractor()))
+    with pytest.raises(ValueError, match="needs a FeaturePairModel and a TunedPairModel"):
+        CombinedPairModel(TunedPairModel(extractor), TunedPairModel(extractor))
+
+
+def test_fit_combined_reranker_adds_both_fitted_models_and_reloads_identically(figures_df, tmp_path):
+    from labkit.rerank import (
+        CombinedPairModel,
+        FeaturePairModel,
+        TunedPairModel,
+        fit_combined_reranker,
+        fit_feature_reranker,
+        fit_tuned_reranker,
+    )
+
+    extractor, train, train_images, valid_images, results = _feature_setup(figures_df)
+    options = {"top_n": 3, "seed": 0}
+    feature_options, tuned_options = {"epochs": 3}, {"epochs": 2, "steps_per_epoch": 2, "queries_per_step": 4}
+    model = CombinedPairModel(FeaturePairModel(extractor, n_stages=2), TunedPairModel(extractor, weight=0.5))
+    model, history = fit_combined_reranker(
+        model, train_images, train.labels, feature_options=feature_options, tuned_options=tuned_options,
+        val_results=results, val_images=valid_images, **options,
+    )  # fmt: skip
+    assert list(history["epoch"]) == [0, 1, 2, 3, 4, 5]
+    assert list(history["stage"]) == ["features"] * 4 + ["tuned"] * 2
+    assert history["chosen"].tolist().count(True) == 2 and bool(history["chosen"].iloc[-1])
+    assert history.attrs["tuned_epochs"] == 2 and 0 <= history.attrs["best_epoch"] <= 3
+    flat = flatten_metrics(metrics_from_results(results, cmc_k=(1,), precision_k=(5,), map_k=(5,)))
+    assert history.loc[0, "cmc@1"] == pytest.approx(flat["cmc@1"])  # epoch 0 is the baseline
+    assert history["cmc@1"].notna().all()  # the fine-tuning epochs are measured with the combined score
+    # the same as fitting both models on their own and adding their corrections
+    features, _ = fit_feature_reranker(
+        FeaturePairModel(extractor, n_stages=2), train_images, train.labels, **options, **feature_options
+    )
+    tuned, _ = fit_tuned_reranker(
+        TunedPairModel(extractor, weight=0.5), train_images, train.labels, **options, **tuned_options
+    )
+    a, b = valid_images[:6], valid_images[6:12]
+    d = (extractor(a) - extractor(b)).norm(dim=1)
+    expected = features(a, b, d) + 0.5 * (tuned.tuned(a) - tuned.tuned(b)).norm(dim=1)
+    torch.testing.assert_close(model(a, b, d), expected)
+    assert not torch.allclose(model(a, b, d), 1.5 * d)  # it moved away from the baseline
+    out = PairwiseReranker(3, model).rerank(results, valid_images)
+    assert torch.equal(out.retrieved[:, 3:], results.retrieved[:, 3:])
+    assert bool((out.distances[:, 1:] >= out.distances[:, :-1]).all())
+    loaded = load_pairwise(save_pairwise(model, tmp_path / "combined.pt"))
+    assert type(loaded) is CombinedPairModel and loaded.config == model.config
+    assert torch.equal(loaded(a, b), model(a, b))
+    again = PairwiseReranker(3, loaded).rerank(results, valid_images)
+    assert torch.equal(again.retrieved, out.retrieved) and torch.equal(again.distances, out.distances)
+
+
 def test_most_changed_query_can_prefer_improved_queries():
     labels = torch.tensor([0, 0, 1, 0, 1, 1])
     before = RetrievalResults(
