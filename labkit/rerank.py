@@ -1,7 +1,10 @@
 """Second-stage retrieval: pairwise re-rankers of each query's first results.
 
-The default (04's `pair_model = "features"`), chosen on held-out train classes (`benchmarks/rerank.py
---select-nested`, its epoch cap by `--nested-candidates`):
+The default (04's `pair_model = "features+tuned"`) adds two learned corrections to the extractor's distance:
+the frozen-feature head's and the fine-tuned copy's, below. It was chosen over the head alone on held-out
+train classes (`benchmarks/rerank.py --select-nested --tuned-epochs 9`, the sixth round).
+
+The frozen-feature head (04's `pair_model = "features"`; its epoch cap chosen by `--nested-candidates`):
 - `FeaturePairModel`: both images through the trained extractor (one shared, frozen backbone); the pair's
   interactions (cosines of the embedding and of the pooled maps of the last backbone stages, spatial
   correlation of those maps, the distance) feed a head whose last layer starts at zero. Score = original
@@ -11,7 +14,7 @@ The default (04's `pair_model = "features"`), chosen on held-out train classes (
   (`neighbour_lists`), and keeps the epoch that re-ranks the held-out classes best (epoch 0 = baseline).
   Only the head trains, on cached features: many epochs cost little.
 
-A fine-tuned alternative (04's `pair_model = "tuned"`):
+The fine-tuned copy (04's `pair_model = "tuned"`):
 - `TunedPairModel`: score = the extractor's distance + weight x the distance under a copy of the extractor
   whose whole backbone is fine-tuned; the copy starts identical, so the untrained model reproduces the
   baseline order.
@@ -21,9 +24,9 @@ A fine-tuned alternative (04's `pair_model = "tuned"`):
   steps_per_epoch` forward and backward passes of about `queries_per_step * (1 + list_size)` images, plus one
   encoding of the train split (4-10x the frozen-backbone model's training).
 
-Both at once (04's `pair_model = "features+tuned"`): `CombinedPairModel` adds the head's correction and
-weight x the tuned copy's distance to the extractor's distance; `fit_combined_reranker` fits the two models
-as above, one after the other (the cost of both).
+Both at once (the default): `CombinedPairModel` adds the head's correction and `COMBINED_TUNED_WEIGHT` (0.5)
+x the tuned copy's distance to the extractor's distance; `fit_combined_reranker` fits the two models as above,
+one after the other (the cost of both).
 
 Kept for comparison (OML's layout):
 - `mine_pairs`: the hardest positive and hardest negative pair of every anchor in a batch (or all pairs).
@@ -1496,7 +1499,8 @@ def fit_tuned_reranker(
 
 # -------------------------------------------------------------------------------- both corrections at once
 # The tuned copy's weight in `CombinedPairModel.from_extractor`: the best of 0.5, 1 and 2 on held-out train
-# classes (`benchmarks/rerank.py --select-nested --tuned-epochs 9`, the sixth round).
+# classes (`benchmarks/rerank.py --select-nested --tuned-epochs 9`, the sixth round: criterion -0.0218,
+# -0.0315, -0.0394; the head alone -0.0251).
 COMBINED_TUNED_WEIGHT = 0.5
 
 

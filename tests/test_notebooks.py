@@ -190,24 +190,26 @@ def test_04_rerank_reports_every_method(tiny_run):
         assert method in text.lower(), method
     import pandas as pd
 
-    # the default re-ranker: a head over the frozen extractor's features; epoch 0 of its history = baseline
-    assert tiny_run.metrics["rerank"]["pair_model"] == "features"
+    # the default re-ranker: a head over the frozen extractor's features plus a fine-tuned copy's distance;
+    # the head's epochs, then the copy's; epoch 0 of its history = baseline
+    assert tiny_run.metrics["rerank"]["pair_model"] == "features+tuned"
     history = pd.read_csv(tiny_run.run_dir / "reranker" / "train_history.csv")
-    assert list(history["epoch"]) == [0, 1] and history["chosen"].sum() == 1
+    assert list(history["epoch"]) == [0, 1, 2] and list(history["stage"]) == ["features", "features", "tuned"]
+    assert history["chosen"].sum() == 2 and bool(history["chosen"].iloc[-1])
     baseline = tiny_run.metrics["rerank"]["methods"]["baseline"]
     assert history.loc[0, "cmc@1"] == pytest.approx(baseline["cmc@1"])
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pair_model", ["tuned", "features+tuned"])
-def test_04_rerank_fine_tuned_model_on_a_copy_of_the_run(tiny_run, tmp_path, execute_notebook, pair_model):
-    """04 with pair_model "tuned" (the fine-tuned copy of the extractor) or "features+tuned" (both
-    corrections), on a copy of the tiny run folder."""
+@pytest.mark.parametrize("pair_model", ["tuned", "features"])
+def test_04_rerank_one_model_on_a_copy_of_the_run(tiny_run, tmp_path, execute_notebook, pair_model):
+    """04 with pair_model "tuned" (the fine-tuned copy of the extractor) or "features" (the head alone), on a
+    copy of the tiny run folder."""
     import shutil
 
     import pandas as pd
 
-    from labkit.rerank import CombinedPairModel, TunedPairModel, load_pairwise
+    from labkit.rerank import FeaturePairModel, TunedPairModel, load_pairwise
 
     run = shutil.copytree(tiny_run.run_dir, tmp_path / "run")
     declared = pipeline.notebook_parameters(notebooks_dir() / "04_rerank.ipynb")
@@ -218,12 +220,11 @@ def test_04_rerank_fine_tuned_model_on_a_copy_of_the_run(tiny_run, tmp_path, exe
     history = pd.read_csv(run / "reranker" / "train_history.csv")
     if pair_model == "tuned":
         assert list(history["epoch"]) == [0, 1] and list(history["step"]) == [0, 10]
-    else:  # the head's epochs 0-1, then one fine-tuning epoch
-        assert list(history["epoch"]) == [0, 1, 2]
-        assert list(history["stage"]) == ["features", "features", "tuned"]
+    else:
+        assert list(history["epoch"]) == [0, 1] and history["chosen"].sum() == 1
     assert history.loc[0, "cmc@1"] == pytest.approx(metrics["methods"]["baseline"]["cmc@1"])
     model = load_pairwise(run / "reranker" / "pairwise.pt")
-    assert type(model) is (TunedPairModel if pair_model == "tuned" else CombinedPairModel)
+    assert type(model) is (TunedPairModel if pair_model == "tuned" else FeaturePairModel)
 
 
 @pytest.mark.slow
