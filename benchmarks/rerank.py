@@ -2,8 +2,8 @@
 
 For every dataset and seed: the extractor is trained with `labkit.training.train`'s defaults (the 01 job;
 cached under `data/rerank_bench/<dataset>/seed<seed>/` so later runs reuse it), the validation split is
-searched (baseline), and the default re-ranker of `04_rerank` (`labkit.rerank.FeaturePairModel` +
-`fit_feature_reranker`, top_n 5: setting "features") is trained on the train split and re-ranks the
+searched (baseline), and the default re-ranker of `04_rerank` (`labkit.rerank.CombinedPairModel` +
+`fit_combined_reranker`, top_n 5: setting "features + tuned") is trained on the train split and re-ranks the
 baseline. The seed changes the extractor's training and the re-ranker's (lists, batches, augmentation);
 the datasets' class splits stay those of seed 0. Nothing here looks at the validation classes to choose
 anything.
@@ -16,7 +16,8 @@ per-seed gain (re-ranked - baseline) as mean ± std, whether the mean gain excee
 spread (the larger of the gain's std and the re-ranked metric's std; "NO" when it does not), the
 re-ranker's training time (wall and CPU seconds, extractor encoding included) against the extractor's, and
 re-ranking ms per query (encoding the queries' and results' images included). `--setting NAME` validates
-another entry of `CANDIDATES` (e.g. "tuned": `TunedPairModel`, a fine-tuned copy of the extractor).
+another entry of `CANDIDATES` (e.g. "features": the `FeaturePairModel` head alone; "tuned": `TunedPairModel`,
+a fine-tuned copy of the extractor alone).
 
 Choosing settings, on TRAIN classes only:
 - `--select` compares the `CANDIDATES` on held-out train classes (outer class folds of the train split, see
@@ -33,7 +34,7 @@ Each prints the gains per seed and a selection table whose last column is the ru
 seeds, the smallest over datasets and {cmc@1, map@5}.
 
     .venv/bin/python benchmarks/rerank.py [--datasets figures photo-quadrants] [--seeds 0 1 2]
-    .venv/bin/python benchmarks/rerank.py --setting tuned
+    .venv/bin/python benchmarks/rerank.py --setting features      # the head alone (or: tuned)
     .venv/bin/python benchmarks/rerank.py --select [--candidates features "top 10"]
     .venv/bin/python benchmarks/rerank.py --select-nested [--folds 0 1 2 3]
     .venv/bin/python benchmarks/rerank.py --select-budget
@@ -595,7 +596,9 @@ def main(argv: list[str] | None = None) -> int:
         "lists are) and stop",
     )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--setting", default="features", help="the CANDIDATES entry validated (04's default)")
+    parser.add_argument(
+        "--setting", default="features + tuned", help="the CANDIDATES entry validated (default: 04's default)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     pd.set_option("display.width", 250)
