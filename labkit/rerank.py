@@ -273,7 +273,7 @@ def save_pairwise(
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it, or choose another path")
     path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(model, _ENCODED_MODELS):
+    if isinstance(model, _EncodedPairModel):
         payload = {
             "kind": f"labkit.{type(model).__name__}",
             "config": model.config,
@@ -385,7 +385,7 @@ class PairwiseReranker:
         `dataset_or_images`: a dataset whose item i is item id i of the results (items with
         "input_tensors", transformed for the model) or an (N, C, H, W) tensor."""
         started = time.perf_counter()
-        if isinstance(self.model, _ENCODED_MODELS):
+        if isinstance(self.model, _EncodedPairModel):
             return self._rerank_features(results, dataset_or_images, started)
         retrieved, distances = results.retrieved, results.distances
         n = min(self.top_n, retrieved.shape[1])
@@ -745,7 +745,23 @@ def _view(images: Tensor, view: int) -> Tensor:
     return torch.rot90(x, k=view % 4, dims=(-2, -1)) if view % 4 else x
 
 
-class FeaturePairModel(nn.Module):
+class _EncodedPairModel(nn.Module):
+    """A pair model scored from one encoded vector per image: subclasses give `extractor`, `encode(images)`,
+    `embeddings(encoded)` and `score(encoded1, encoded2, distances, head)` (distance + correction);
+    `PairwiseReranker` encodes each item once for them."""
+
+    def forward(self, images1: Tensor, images2: Tensor, distances: Tensor | None = None) -> Tensor:
+        """(B,) scores of image pairs (`distances` default: the extractor's Euclidean one)."""
+        e1, e2 = self.encode(images1), self.encode(images2)
+        if distances is None:
+            distances = (self.embeddings(e1) - self.embeddings(e2)).norm(dim=1)
+        return self.score(e1, e2, distances)
+
+    def transforms(self, train: bool = False):
+        return self.extractor.transforms(train=train)
+
+
+class FeaturePairModel(_EncodedPairModel):
     """A learned correction of the extractor's distance: score(a, b) = distance(a, b) + head(interactions).
 
     Both images go through the same frozen extractor (shared backbone, never trained here). `encode` keeps,
@@ -926,16 +942,6 @@ class FeaturePairModel(nn.Module):
         """(P,) corrected distances of encoded pairs: `distances` + the correction."""
         raw = self.interactions(encoded1, encoded2, distances)
         return distances.float() + self.correction_from_interactions(raw, head)
-
-    def forward(self, images1: Tensor, images2: Tensor, distances: Tensor | None = None) -> Tensor:
-        """(B,) corrected distances of image pairs (`distances` default: the embeddings' Euclidean one)."""
-        e1, e2 = self.encode(images1), self.encode(images2)
-        if distances is None:
-            distances = (self.embeddings(e1) - self.embeddings(e2)).norm(dim=1)
-        return self.score(e1, e2, distances)
-
-    def transforms(self, train: bool = False):
-        return self.extractor.transforms(train=train)
 
 
 def encode_items(
@@ -1297,7 +1303,7 @@ def fit_feature_reranker(
 
 
 # ------------------------------------------------------------------------------------ fine-tuned pair model
-class TunedPairModel(nn.Module):
+class TunedPairModel(_EncodedPairModel):
     """score(a, b) = distance(a, b) + weight * tuned distance(a, b): the extractor's distance plus that of a
     copy of the extractor fine-tuned (whole backbone) on the extractor's own confusions.
 
@@ -1353,16 +1359,6 @@ class TunedPairModel(nn.Module):
     def score(self, encoded1: Tensor, encoded2: Tensor, distances: Tensor, head: int | None = None) -> Tensor:
         """(P,) `distances` + weight * the tuned copy's distances of encoded pairs (`head` is ignored)."""
         return distances.float() + self.weight * self.tuned_distances(encoded1, encoded2)
-
-    def forward(self, images1: Tensor, images2: Tensor, distances: Tensor | None = None) -> Tensor:
-        """(B,) scores of image pairs (`distances` default: the extractor's Euclidean one)."""
-        e1, e2 = self.encode(images1), self.encode(images2)
-        if distances is None:
-            distances = (self.embeddings(e1) - self.embeddings(e2)).norm(dim=1)
-        return self.score(e1, e2, distances)
-
-    def transforms(self, train: bool = False):
-        return self.extractor.transforms(train=train)
 
 
 def _tensor_augmentation(data_config: dict):
@@ -1504,7 +1500,7 @@ def fit_tuned_reranker(
 COMBINED_TUNED_WEIGHT = 0.5
 
 
-class CombinedPairModel(nn.Module):
+class CombinedPairModel(_EncodedPairModel):
     """score(a, b) = distance(a, b) + the `FeaturePairModel` head's correction + weight * the distance under a
     fine-tuned copy of the extractor (`TunedPairModel`'s): both second-stage models added to one score.
 
@@ -1570,16 +1566,6 @@ class CombinedPairModel(nn.Module):
         tuned = (encoded1[:, split:] - encoded2[:, split:]).norm(dim=1)
         return scores + self.tuned.weight * tuned
 
-    def forward(self, images1: Tensor, images2: Tensor, distances: Tensor | None = None) -> Tensor:
-        """(B,) scores of image pairs (`distances` default: the extractor's Euclidean one)."""
-        e1, e2 = self.encode(images1), self.encode(images2)
-        if distances is None:
-            distances = (self.embeddings(e1) - self.embeddings(e2)).norm(dim=1)
-        return self.score(e1, e2, distances)
-
-    def transforms(self, train: bool = False):
-        return self.extractor.transforms(train=train)
-
 
 def fit_combined_reranker(
     model: CombinedPairModel,
@@ -1639,7 +1625,3 @@ def fit_combined_reranker(
         train_seconds=first.attrs["train_seconds"] + second.attrs["train_seconds"],
     )
     return model.eval(), history
-
-
-# scored from one encoded vector per image (distance + correction): `PairwiseReranker` encodes each item once
-_ENCODED_MODELS = (FeaturePairModel, TunedPairModel, CombinedPairModel)
