@@ -1586,9 +1586,10 @@ def fit_combined_reranker(
     with its defaults updated by `feature_options` / `tuned_options` and the same `seed` (the two fits are
     independent: the result is that of fitting both models separately and adding their corrections).
 
-    History: the feature head's epochs (0 = the baseline, `stage` "features"), then the fine-tuning epochs
-    (`stage` "tuned", numbered on) with the validation metrics of the combined score when `val_results` and
-    `val_images` are given — for the plot only; nothing is chosen by them. `chosen` marks the feature head's
+    History: the feature head's epochs (0 = the baseline, `stage` "features", its loss in `loss`), then the
+    fine-tuning epochs (`stage` "tuned", numbered on, its loss in `tuned_loss`) with the validation metrics of
+    the combined score when `val_results` and `val_images` are given — for the plot only; nothing is chosen by
+    them. `chosen` marks the feature head's
     kept epoch and the last fine-tuning epoch; `history.attrs`: `best_epoch` (the head's), `tuned_epochs`,
     `folds`, `encode_seconds`, `train_seconds` (both fits).
     """
@@ -1611,7 +1612,8 @@ def fit_combined_reranker(
     _, second = fit_tuned_reranker(
         model.tuned, train_images, labels, on_epoch=measure, **common, **(tuned_options or {})
     )
-    tuned = second[second["epoch"] > 0][["epoch", "loss", "chosen"]].reset_index(drop=True)
+    tuned = second[second["epoch"] > 0][["epoch", "loss", "chosen"]].rename(columns={"loss": "tuned_loss"})
+    tuned = tuned.reset_index(drop=True)
     if combined_rows:
         tuned = tuned.merge(pd.DataFrame(combined_rows)[["epoch", *metric_columns]], on="epoch", how="left")
     last_feature_epoch = int(first["epoch"].max())

@@ -426,7 +426,8 @@ def plot_distance_histograms(
 def plot_history(
     history: pd.DataFrame, metrics: list[str] | None = None, *, title: str | None = None
 ) -> Figure:
-    """Per-epoch curves: the train loss (and `val_loss` if present) beside the validation metrics.
+    """Per-epoch curves: the train loss (and `val_loss`, or `tuned_loss` — the fine-tuning stage of
+    `labkit.rerank.fit_combined_reranker` — if present) beside the validation metrics.
 
     `history` has an `epoch` column (0 = before training), `loss` (NaN at epoch 0) and flattened metric
     columns ("cmc@1", "map@5", "<category>/cmc@1", ...). `metrics` picks columns; by default the overall
@@ -444,7 +445,8 @@ def plot_history(
         missing = [m for m in metrics if m not in history.columns]
         if missing:
             raise ValueError(f"history has no column {missing}; its columns are {list(history.columns)}")
-    losses = [c for c in ("loss", "val_loss") if c in history.columns and history[c].notna().any()]
+    kinds = ("loss", "val_loss", "tuned_loss")
+    losses = [c for c in kinds if c in history.columns and history[c].notna().any()]
     metrics = [m for m in metrics if history[m].notna().any()]
     if not losses and not metrics:
         raise ValueError("history has no loss values and no metric values to plot")

@@ -551,6 +551,9 @@ def test_fit_combined_reranker_adds_both_fitted_models_and_reloads_identically(f
     )  # fmt: skip
     assert list(history["epoch"]) == [0, 1, 2, 3, 4, 5]
     assert list(history["stage"]) == ["features"] * 4 + ["tuned"] * 2
+    # each stage's own loss: the head's in `loss`, the fine-tuning's in `tuned_loss`
+    assert history["loss"].iloc[1:4].notna().all() and history["loss"].iloc[4:].isna().all()
+    assert history["tuned_loss"].iloc[:4].isna().all() and bool((history["tuned_loss"].iloc[4:] > 0).all())
     assert history["chosen"].tolist().count(True) == 2 and bool(history["chosen"].iloc[-1])
     assert history.attrs["tuned_epochs"] == 2 and 0 <= history.attrs["best_epoch"] <= 3
     flat = flatten_metrics(metrics_from_results(results, cmc_k=(1,), precision_k=(5,), map_k=(5,)))

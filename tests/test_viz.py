@@ -375,6 +375,13 @@ def test_plot_history_curves_and_columns():
         viz.plot_history(history, metrics=["map@10"])
     with pytest.raises(ValueError, match="no 'epoch' column"):
         viz.plot_history(history.drop(columns="epoch"))
+    # a two-stage history (rerank.fit_combined_reranker): each stage's loss is its own line, not joined
+    staged = history.assign(loss=[np.nan, 0.9, np.nan], tuned_loss=[np.nan, np.nan, 0.2])
+    lines = viz.plot_history(staged).axes[0].get_lines()
+    assert [(line.get_label(), line.get_xdata().tolist()) for line in lines] == [
+        ("loss", [1]),
+        ("tuned_loss", [2]),
+    ]
 
 
 def test_figures_render_headless_to_png(tmp_path, hand_results, items):
