@@ -380,7 +380,7 @@ def select_nested(
     """Held-out-train scores with held-out classes unseen by the extractor too (`nested_frame`): an
     extractor is trained with the 01 defaults on the other train classes (cached as `<name>-nested` for fold
     0, `<name>-nested-fold<k>` for fold k), then the "features" re-ranker, the TunedPairModel grid (one fit,
-    measured after each epoch of TUNED_EPOCHS, the "pass" epoch and NESTED_EPOCHS, at each weight of
+    measured after each epoch of TUNED_EPOCHS, the "pass" epoch and the last, at each weight of
     TUNED_WEIGHTS) and both at once (the features head's correction plus weight x the tuned distance, after
     epoch 9 and after the "pass" epoch) re-rank its retrieval among the held-out classes. The fine-tuning
     runs `tuned_epochs` epochs (epochs after it are not measured)."""
