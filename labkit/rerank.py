@@ -1391,6 +1391,7 @@ def fit_tuned_reranker(
     val_results=None,
     val_images: Any = None,
     on_epoch: Any = None,
+    on_step: Any = None,
     seed: int = 0,
     progress: bool = False,
 ) -> tuple[TunedPairModel, pd.DataFrame]:
@@ -1411,7 +1412,8 @@ def fit_tuned_reranker(
 
     With `val_results` (the extractor's validation `RetrievalResults`) and `val_images`, every epoch re-ranks
     the validation top_n for the history plot only: nothing is chosen by them. `on_epoch(epoch, model)` is
-    called after every epoch (0 = before training; e.g. to measure held-out classes).
+    called after every epoch (0 = before training; e.g. to measure held-out classes); `on_step(step,
+    model)` after every optimiser step (1, 2, ...; e.g. to keep an average of the weights).
 
     History: one row per epoch (0 = untrained = the baseline) with `step`, `loss` (mean over the epoch's
     steps), the validation metrics when given, and `chosen` (True on the last epoch); `history.attrs` holds
@@ -1479,6 +1481,8 @@ def fit_tuned_reranker(
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
+            if on_step is not None:
+                on_step((epoch - 1) * steps_per_epoch + len(losses), model)
         model.eval()
         history.append(measure(epoch, float(np.mean(losses))))
     model.cpu().eval()

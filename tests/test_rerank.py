@@ -476,13 +476,15 @@ def test_fit_tuned_reranker_trains_the_copy_only_and_reloads_identically(figures
     extractor, train, train_images, valid_images, results = _feature_setup(figures_df)
     before = {k: v.clone() for k, v in extractor.state_dict().items()}
     model = TunedPairModel(extractor)
-    seen = []
+    seen, steps = [], []
     model, history = fit_tuned_reranker(
         model, train_images, train.labels, top_n=3, epochs=2, steps_per_epoch=2, queries_per_step=4, seed=0,
         val_results=results, val_images=valid_images, on_epoch=lambda epoch, m: seen.append(epoch),
+        on_step=lambda step, m: steps.append((step, m.training)),
     )  # fmt: skip
     assert list(history["epoch"]) == [0, 1, 2] and list(history["step"]) == [0, 2, 4]
     assert seen == [0, 1, 2]
+    assert steps == [(1, True), (2, True), (3, True), (4, True)]
     assert history.loc[history["chosen"], "epoch"].item() == history.attrs["best_epoch"] == 2
     assert history.attrs["n_lists"] == len(train.labels)
     # epoch 0 is the baseline: the validation metrics of the results as they are
