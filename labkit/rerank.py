@@ -1466,7 +1466,10 @@ def fit_tuned_reranker(
             ids, inverse = torch.unique(torch.cat([q, nb.reshape(-1)]), return_inverse=True)
             images = torch.stack([augment(image) for image in _load_images(train_images, ids)]).to(device)
             z = model.tuned(images)
-            zq, zn = z[inverse[: len(q)]], z[inverse[len(q) :]].view(len(q), nb.shape[1], -1)
+            # index_select, not z[index]: the latter's backward on CPU accumulates repeated rows in a
+            # thread-dependent order (runs with the same seed differed); index_select's does not
+            zq = z.index_select(0, inverse[: len(q)].to(device))
+            zn = z.index_select(0, inverse[len(q) :].to(device)).view(len(q), nb.shape[1], -1)
             dist = (zq[:, None] - zn).norm(dim=-1)
             in_list = s[:, :, None] & ~s[:, None, :]  # [q, i, j]: neighbour i same label as q, j not
             hinge = nn.functional.relu(dist[:, :, None] - dist[:, None, :] + margin)[in_list.to(device)]

@@ -514,6 +514,28 @@ def test_fit_tuned_reranker_trains_the_copy_only_and_reloads_identically(figures
         fit_tuned_reranker(model, train_images, train.labels, epochs=-1)
 
 
+def test_fit_tuned_reranker_is_reproducible_with_several_threads(figures_df):
+    """Same seed, same machine, two threads: identical weights (lists repeat images, so the step's embedding
+    rows are gathered with repeats; a thread-order-dependent backward made runs differ)."""
+    from labkit.rerank import TunedPairModel, fit_tuned_reranker
+
+    extractor, train, train_images, _, _ = _feature_setup(figures_df)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        fitted = []
+        for _ in range(3):
+            model, _ = fit_tuned_reranker(
+                TunedPairModel(extractor), train_images, train.labels, epochs=2, steps_per_epoch=3, seed=0
+            )
+            fitted.append(model.tuned.state_dict())
+    finally:
+        torch.set_num_threads(threads)
+    for state in fitted[1:]:
+        for key, value in state.items():
+            assert torch.equal(value, fitted[0][key]), key
+
+
 # ------------------------------------------------------------------------------- both corrections at once
 def test_untrained_combined_reranker_returns_exactly_the_baseline(figures_df):
     from labkit.rerank import CombinedPairModel, FeaturePairModel, TunedPairModel
