@@ -605,6 +605,30 @@ def test_fit_combined_reranker_adds_both_fitted_models_and_reloads_identically(f
     assert torch.equal(again.retrieved, out.retrieved) and torch.equal(again.distances, out.distances)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fit_combined_reranker_on_cuda(figures_df):
+    """04's default on a GPU (its accelerator "auto"): both fits run there and the re-ranker keeps its
+    contract (only the top_n re-ordered, distances ascending)."""
+    from labkit.rerank import CombinedPairModel, FeaturePairModel, TunedPairModel, fit_combined_reranker
+
+    extractor, train, train_images, valid_images, results = _feature_setup(figures_df)
+    model = CombinedPairModel(FeaturePairModel(extractor, n_stages=2), TunedPairModel(extractor, weight=0.5))
+    model, history = fit_combined_reranker(
+        model, train_images, train.labels, top_n=3, seed=0, device="cuda", feature_options={"epochs": 3},
+        tuned_options={"epochs": 2, "steps_per_epoch": 2, "queries_per_step": 4},
+        val_results=results, val_images=valid_images,
+    )  # fmt: skip
+    assert list(history["stage"]) == ["features"] * 4 + ["tuned"] * 2 and history["cmc@1"].notna().all()
+    model = model.cpu()
+    a, b = valid_images[:6], valid_images[6:12]
+    d = (extractor(a) - extractor(b)).norm(dim=1)
+    assert not torch.allclose(model(a, b, d), 1.5 * d)  # trained on the GPU: it moved from the baseline
+    out = PairwiseReranker(3, model, device="cuda").rerank(results, valid_images)
+    assert torch.equal(out.retrieved[:, 3:], results.retrieved[:, 3:])
+    assert torch.equal(out.retrieved[:, :3].sort(1).values, results.retrieved[:, :3].sort(1).values)
+    assert bool((out.distances[:, 1:] >= out.distances[:, :-1]).all())
+
+
 def test_most_changed_query_can_prefer_improved_queries():
     labels = torch.tensor([0, 0, 1, 0, 1, 1])
     before = RetrievalResults(
