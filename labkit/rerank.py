@@ -1415,6 +1415,9 @@ def fit_tuned_reranker(
     called after every epoch (0 = before training; e.g. to measure held-out classes); `on_step(step,
     model)` after every optimiser step (1, 2, ...; e.g. to keep an average of the weights).
 
+    On the CPU a seed gives the same weights run after run (the thread count fixed); on a GPU the list
+    gather's backward is not deterministic.
+
     History: one row per epoch (0 = untrained = the baseline) with `step`, `loss` (mean over the epoch's
     steps), the validation metrics when given, and `chosen` (True on the last epoch); `history.attrs` holds
     `best_epoch` (the last), `encode_seconds`, `train_seconds`, `n_lists`.
