@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,12 @@ def bench():
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "rerank.py"
     spec = importlib.util.spec_from_file_location("rerank_benchmark", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    sys.modules[spec.name] = module  # importlib's recipe: dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
 
 
 def test_nested_folds_hold_every_train_class_out_once_and_never_train_on_it(bench):
