@@ -945,16 +945,18 @@ class FeaturePairModel(_EncodedPairModel):
 
 
 def encode_items(
-    model: FeaturePairModel, images: Any, ids: Tensor, *, batch_size: int = 64, device: Any = "cpu"
+    model: nn.Module, images: Any, ids: Tensor, *, batch_size: int = 64, device: Any = "cpu"
 ) -> Tensor:
-    """(len(ids), F) `model.encode` of the items `ids` of a dataset or an (N, C, H, W) tensor, batched."""
+    """(len(ids), F) `model.encode` of the items `ids` of a dataset or an (N, C, H, W) tensor, batched (a
+    model without `encode`, e.g. an extractor: its output, without gradients)."""
     model.to(device)
+    encode = getattr(model, "encode", None) or torch.no_grad()(model)
     chunks = [
-        model.encode(_load_images(images, ids[start : start + batch_size]).to(device)).float().cpu()
+        encode(_load_images(images, ids[start : start + batch_size]).to(device)).float().cpu()
         for start in range(0, len(ids), batch_size)
     ]
     model.cpu()
-    return torch.cat(chunks) if chunks else torch.zeros(0, sum(model.sizes))
+    return torch.cat(chunks) if chunks else torch.zeros(0, sum(getattr(model, "sizes", [0])))
 
 
 def encode_listed(
@@ -1315,7 +1317,7 @@ class TunedPairModel(_EncodedPairModel):
     and `load_pairwise` take either.
     """
 
-    def __init__(self, extractor: nn.Module, *, weight: float = 1.0) -> None:
+    def __init__(self, extractor: nn.Module, *, weight: float = 1.0, flip: bool = False) -> None:
         super().__init__()
         if getattr(extractor, "backbone_name", None) is None:
             raise ValueError(
@@ -1327,24 +1329,44 @@ class TunedPairModel(_EncodedPairModel):
         self.extractor = extractor.eval().requires_grad_(False)
         self.tuned = copy.deepcopy(self.extractor).requires_grad_(True)
         self.weight = float(weight)
+        self.flip = bool(flip)
         self.data_config = dict(extractor.data_config)
         with torch.no_grad():
             dim = int(self.extractor(torch.zeros(1, *self.data_config["input_size"])).shape[1])
-        self.sizes = [dim, dim]
-        self.config = {"weight": self.weight}
+        self.sizes = [dim, dim, dim] if self.flip else [dim, dim]
+        self.config = {"weight": self.weight, "flip": self.flip}
 
     def train(self, mode: bool = True) -> TunedPairModel:
         super().train(mode)
         self.extractor.eval()  # frozen: batch-norm statistics never change
         return self
 
+    def _mirror_averaged(self, model: nn.Module, images: Tensor) -> Tensor:
+        """`model`'s embedding averaged over the images and their mirror images (normalised again when the
+        extractor normalises)."""
+        mean = (model(images) + model(images.flip(-1))) / 2
+        return nn.functional.normalize(mean, dim=1) if getattr(self.extractor, "normalize", False) else mean
+
     @torch.no_grad()
-    def encode(self, images: Tensor) -> Tensor:
-        """(B, 2 D): the extractor's embedding, then the tuned copy's."""
+    def encode_tuned(self, images: Tensor) -> Tensor:
+        """(B, D) the tuned copy's embedding, or with `flip` (B, 2 D): the extractor's and the tuned copy's
+        embeddings, each averaged over the images and their mirror images. `tuned_distances` reads it."""
         was_training = self.training
         self.eval()
         try:
-            return torch.cat([self.extractor(images), self.tuned(images)], dim=1)
+            if not self.flip:
+                return self.tuned(images)
+            return torch.cat([self._mirror_averaged(m, images) for m in (self.extractor, self.tuned)], dim=1)
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def encode(self, images: Tensor) -> Tensor:
+        """(B, 2 D), or (B, 3 D) with `flip`: the extractor's embedding, then `encode_tuned`'s."""
+        was_training = self.training
+        self.eval()
+        try:
+            return torch.cat([self.extractor(images), self.encode_tuned(images)], dim=1)
         finally:
             self.train(was_training)
 
@@ -1352,13 +1374,21 @@ class TunedPairModel(_EncodedPairModel):
         """The extractor's embeddings inside encoded vectors."""
         return encoded[:, : self.sizes[0]]
 
-    def tuned_distances(self, encoded1: Tensor, encoded2: Tensor) -> Tensor:
+    def tuned_distances(self, tuned1: Tensor, tuned2: Tensor, distances: Tensor) -> Tensor:
+        """(P,) the fine-tuned copy's distances of pairs from their `encode_tuned` parts: the tuned copy's
+        distance; with `flip`, `distances` + (tuned copy's - extractor's distance, both mirror-averaged): what
+        the fine-tuning changed, measured on both views, so an untrained copy still gives `distances`."""
+        if not self.flip:
+            return (tuned1 - tuned2).norm(dim=1)
         d = self.sizes[0]
-        return (encoded1[:, d:] - encoded2[:, d:]).norm(dim=1)
+        extractor_part = (tuned1[:, :d] - tuned2[:, :d]).norm(dim=1)
+        return distances.float() + (tuned1[:, d:] - tuned2[:, d:]).norm(dim=1) - extractor_part
 
     def score(self, encoded1: Tensor, encoded2: Tensor, distances: Tensor, head: int | None = None) -> Tensor:
         """(P,) `distances` + weight * the tuned copy's distances of encoded pairs (`head` is ignored)."""
-        return distances.float() + self.weight * self.tuned_distances(encoded1, encoded2)
+        d = self.sizes[0]
+        tuned = self.tuned_distances(encoded1[:, d:], encoded2[:, d:], distances)
+        return distances.float() + self.weight * tuned
 
 
 def _tensor_augmentation(data_config: dict):
@@ -1437,9 +1467,9 @@ def fit_tuned_reranker(
     torch.manual_seed(seed)
     started = time.perf_counter()
     all_ids = torch.arange(len(labels_t))
-    encoded = encode_items(model, train_images, all_ids, batch_size=batch_size, device=device)
+    embedded = encode_items(model.extractor, train_images, all_ids, batch_size=batch_size, device=device)
     every = np.ones(len(labels_t), dtype=bool)
-    queries, neighbours, _ = neighbour_lists(model.embeddings(encoded), every, list_size)
+    queries, neighbours, _ = neighbour_lists(embedded, every, list_size)
     same = labels_t[neighbours] == labels_t[queries][:, None]
     encode_seconds = time.perf_counter() - started
     augment = _tensor_augmentation(model.data_config)
@@ -1533,15 +1563,21 @@ class CombinedPairModel(_EncodedPairModel):
             raise ValueError("the FeaturePairModel and the TunedPairModel must share one extractor object")
         self.features, self.tuned = features, tuned
         self.data_config = dict(features.data_config)
-        self.sizes = [*features.sizes, tuned.sizes[1]]
+        self.sizes = [*features.sizes, *tuned.sizes[1:]]
 
     @classmethod
     def from_extractor(
-        cls, extractor: nn.Module, *, weight: float = COMBINED_TUNED_WEIGHT, **feature_kwargs: Any
+        cls,
+        extractor: nn.Module,
+        *,
+        weight: float = COMBINED_TUNED_WEIGHT,
+        flip: bool = False,
+        **feature_kwargs: Any,
     ) -> CombinedPairModel:
-        """A `FeaturePairModel(extractor, **feature_kwargs)` and a `TunedPairModel(extractor, weight=weight)`
-        over one extractor (`weight`'s default: see `COMBINED_TUNED_WEIGHT`)."""
-        return cls(FeaturePairModel(extractor, **feature_kwargs), TunedPairModel(extractor, weight=weight))
+        """A `FeaturePairModel(extractor, **feature_kwargs)` and a `TunedPairModel(extractor, weight=weight,
+        flip=flip)` over one extractor (`weight`'s default: see `COMBINED_TUNED_WEIGHT`)."""
+        tuned = TunedPairModel(extractor, weight=weight, flip=flip)
+        return cls(FeaturePairModel(extractor, **feature_kwargs), tuned)
 
     @property
     def extractor(self) -> nn.Module:
@@ -1557,11 +1593,12 @@ class CombinedPairModel(_EncodedPairModel):
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
-        """(B, F + D): the feature model's encoding, then the tuned copy's embedding."""
+        """(B, F + D), or (B, F + 2 D) with the tuned model's `flip`: the feature model's encoding, then
+        the tuned model's `encode_tuned`."""
         was_training = self.training
         self.eval()
         try:
-            return torch.cat([self.features.encode(images), self.tuned.tuned(images)], dim=1)
+            return torch.cat([self.features.encode(images), self.tuned.encode_tuned(images)], dim=1)
         finally:
             self.train(was_training)
 
@@ -1573,7 +1610,7 @@ class CombinedPairModel(_EncodedPairModel):
         """(P,) `distances` + the head's correction (`head`: that head alone) + weight * tuned distances."""
         split = sum(self.features.sizes)
         scores = self.features.score(encoded1[:, :split], encoded2[:, :split], distances, head)
-        tuned = (encoded1[:, split:] - encoded2[:, split:]).norm(dim=1)
+        tuned = self.tuned.tuned_distances(encoded1[:, split:], encoded2[:, split:], distances)
         return scores + self.tuned.weight * tuned
 
 
