@@ -532,10 +532,9 @@ def select_averaged(name: str, df: pd.DataFrame, seed: int, fold: int = 0) -> li
 # training cost is the default's (only re-ranking encodes each listed image three more times). Candidates
 # "features + tuned e9 w0.5 flip" and "features + tuned e9 w1 flip" against the reference "features + tuned
 # e9 w0.5" (04's default), all from the reference's own fine-tuning run, on the sixth round's proxy, every
-# fold, seeds 0-2 (`--select-flipped --seeds 0 1 2`; three seeds, as rounds 1-4, to fit one session). Same
-# rule (max over candidates of the min over datasets x {cmc@1, map@5} of mean - 2 std); the default changes
-# only if a candidate beats the reference; it is then made 04's default, validated once (`--setting`) and its
-# CPU seconds compared with the extractor's.
+# fold, seeds 0-4 (`--select-flipped --seeds 0 1 2 3 4`). Same rule (max over candidates of the min over
+# datasets x {cmc@1, map@5} of mean - 2 std); the default changes only if a candidate beats the reference; it
+# is then made 04's default, validated once (`--setting`) and its CPU seconds compared with the extractor's.
 FLIPPED_WEIGHTS = (0.5, 1.0)
 
 
