@@ -605,6 +605,39 @@ def test_fit_combined_reranker_adds_both_fitted_models_and_reloads_identically(f
     assert torch.equal(again.retrieved, out.retrieved) and torch.equal(again.distances, out.distances)
 
 
+def test_mirror_averaged_tuned_distance_keeps_the_baseline_untrained_and_adds_the_tuned_change(
+    figures_df, tmp_path
+):
+    from labkit.rerank import CombinedPairModel, TunedPairModel
+
+    extractor, _, _, valid_images, results = _feature_setup(figures_df)
+    model = CombinedPairModel.from_extractor(extractor, weight=0.5, flip=True, n_stages=2)
+    tuned = model.tuned
+    assert tuned.flip and tuned.config == {"weight": 0.5, "flip": True}
+    a, b = valid_images[:6], valid_images[6:12]
+    d = (extractor(a) - extractor(b)).norm(dim=1)
+    # untrained: the copy's change is exactly zero, so the tuned distance is the given distance
+    torch.testing.assert_close(tuned.tuned_distances(tuned.encode_tuned(a), tuned.encode_tuned(b), d), d)
+    for reranker in (model, TunedPairModel(extractor, flip=True)):
+        out = PairwiseReranker(5, reranker, batch_size=16).rerank(results, valid_images)
+        assert torch.equal(out.retrieved, results.retrieved)
+    with torch.no_grad():  # a moved copy: distance + (tuned - extractor distance), both on mirror averages
+        for parameter in tuned.tuned.parameters():
+            parameter.add_(0.01 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(1)))
+    model.eval()
+
+    def averaged(net, images):
+        with torch.no_grad():
+            return torch.nn.functional.normalize(net(images) + net(images.flip(-1)), dim=1)
+
+    change = (averaged(tuned.tuned, a) - averaged(tuned.tuned, b)).norm(dim=1)
+    change = change - (averaged(extractor, a) - averaged(extractor, b)).norm(dim=1)
+    assert change.abs().max() > 1e-3
+    torch.testing.assert_close(model(a, b, d), model.features(a, b, d) + 0.5 * (d + change))
+    loaded = load_pairwise(save_pairwise(model, tmp_path / "mirrored.pt"))
+    assert loaded.tuned.flip and torch.equal(loaded(a, b, d), model(a, b, d))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fit_combined_reranker_on_cuda(figures_df):
     """04's default on a GPU (its accelerator "auto"): both fits run there and the re-ranker keeps its
