@@ -17,7 +17,8 @@ The frozen-feature head (04's `pair_model = "features"`; its epoch cap chosen by
 The fine-tuned copy (04's `pair_model = "tuned"`):
 - `TunedPairModel`: score = the extractor's distance + weight x the distance under a copy of the extractor
   whose whole backbone is fine-tuned; the copy starts identical, so the untrained model reproduces the
-  baseline order.
+  baseline order. `flip=True` measures what the fine-tuning changed on mirror-averaged embeddings instead
+  (the eighth round's candidate).
 - `fit_tuned_reranker`: fine-tunes the copy on the extractor's own confusions among the train classes (each
   train image's nearest train neighbours under the extractor; hinge ranking loss inside each list plus a
   batch-all triplet loss, the extractor's training augmentation) for a fixed number of steps. Cost: `epochs *
@@ -1311,8 +1312,11 @@ class TunedPairModel(_EncodedPairModel):
 
     `extractor` stays frozen; `tuned` starts as an exact copy, so the untrained model scores every pair
     (1 + weight) * distance and re-ranking with it reproduces the baseline order exactly. `fit_tuned_reranker`
-    trains `tuned`. Both embeddings of an image are encoded once (one flat vector: extractor's, then tuned's),
-    so a gallery is encoded once; scoring a pair is one subtraction. Same interface as `FeaturePairModel`
+    trains `tuned`. With `flip`, the tuned distance is `distances` + (the tuned copy's - the extractor's
+    distance, both between embeddings averaged over each image and its mirror image): the change the
+    fine-tuning made, measured on two views; an untrained copy still reproduces the baseline order. Both
+    embeddings of an image are encoded once (one flat vector: extractor's, then `encode_tuned`'s), so a
+    gallery is encoded once; scoring a pair is a subtraction. Same interface as `FeaturePairModel`
     (`encode`, `embeddings`, `score`, `sizes`), so `PairwiseReranker`, `rerank_encoded`, `save_pairwise`
     and `load_pairwise` take either.
     """
@@ -1538,6 +1542,10 @@ def fit_tuned_reranker(
 # classes (`benchmarks/rerank.py --select-nested --tuned-epochs 9`, the sixth round: criterion -0.0218,
 # -0.0315, -0.0394; the head alone -0.0251).
 COMBINED_TUNED_WEIGHT = 0.5
+# Whether `CombinedPairModel.from_extractor` measures the fine-tuned copy's change on mirror-averaged
+# embeddings (`TunedPairModel(flip=True)`): the eighth round's candidate (`benchmarks/rerank.py
+# --select-flipped`).
+COMBINED_TUNED_FLIP = False
 
 
 class CombinedPairModel(_EncodedPairModel):
@@ -1571,11 +1579,11 @@ class CombinedPairModel(_EncodedPairModel):
         extractor: nn.Module,
         *,
         weight: float = COMBINED_TUNED_WEIGHT,
-        flip: bool = False,
+        flip: bool = COMBINED_TUNED_FLIP,
         **feature_kwargs: Any,
     ) -> CombinedPairModel:
         """A `FeaturePairModel(extractor, **feature_kwargs)` and a `TunedPairModel(extractor, weight=weight,
-        flip=flip)` over one extractor (`weight`'s default: see `COMBINED_TUNED_WEIGHT`)."""
+        flip=flip)` over one extractor (defaults: see `COMBINED_TUNED_WEIGHT`, `COMBINED_TUNED_FLIP`)."""
         tuned = TunedPairModel(extractor, weight=weight, flip=flip)
         return cls(FeaturePairModel(extractor, **feature_kwargs), tuned)
 
