@@ -18,7 +18,7 @@ The fine-tuned copy (04's `pair_model = "tuned"`):
 - `TunedPairModel`: score = the extractor's distance + weight x the distance under a copy of the extractor
   whose whole backbone is fine-tuned; the copy starts identical, so the untrained model reproduces the
   baseline order. `flip=True` measures what the fine-tuning changed on mirror-averaged embeddings instead
-  (the eighth round's candidate).
+  (an option; it lost the eighth round).
 - `fit_tuned_reranker`: fine-tunes the copy on the extractor's own confusions among the train classes (each
   train image's nearest train neighbours under the extractor; hinge ranking loss inside each list plus a
   batch-all triplet loss, the extractor's training augmentation) for a fixed number of steps. Cost: `epochs *
@@ -1543,8 +1543,9 @@ def fit_tuned_reranker(
 # -0.0315, -0.0394; the head alone -0.0251).
 COMBINED_TUNED_WEIGHT = 0.5
 # Whether `CombinedPairModel.from_extractor` measures the fine-tuned copy's change on mirror-averaged
-# embeddings (`TunedPairModel(flip=True)`): the eighth round's candidate (`benchmarks/rerank.py
-# --select-flipped`).
+# embeddings (`TunedPairModel(flip=True)`): no; it lost the eighth round on held-out train classes
+# (`benchmarks/rerank.py --select-flipped`: criterion -0.0195 at weight 0.5, -0.0280 at 1; the default
+# -0.0191).
 COMBINED_TUNED_FLIP = False
 
 
