@@ -30,6 +30,8 @@ Choosing settings, on TRAIN classes only:
   averaged per seed;
 - `--select-budget` runs that proxy for longer fine-tuning within the extractor's CPU budget (`BUDGET_RUNS`);
 - `--select-averaged` runs it for weight averages of the fine-tuned copy (the seventh round);
+- `--select-flipped` runs it for the fine-tuned copy's change measured on mirror-averaged embeddings (the
+  eighth round);
 - `--nested-candidates --candidates ...` runs that proxy for entries of `CANDIDATES` (e.g. the epoch caps).
 Each prints the gains per seed and a selection table whose last column is the rule: mean gain - 2 x std over
 seeds, the smallest over datasets and {cmc@1, map@5}.
@@ -49,6 +51,7 @@ seeds, the smallest over datasets and {cmc@1, map@5}.
         "40 epochs"                                                          # the fifth round
     .venv/bin/python benchmarks/rerank.py --select-nested --tuned-epochs 9 --seeds 0 1 2 3 4   # the sixth
     .venv/bin/python benchmarks/rerank.py --select-averaged --seeds 0 1 2 3 4                  # the seventh
+    .venv/bin/python benchmarks/rerank.py --select-flipped --seeds 0 1 2 3 4                   # the eighth
 """
 
 from __future__ import annotations
