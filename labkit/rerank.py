@@ -306,7 +306,8 @@ def load_pairwise(
         extractor, config = create_extractor(**data["extractor_config"]), data["config"]
         if kind == "labkit.CombinedPairModel":
             features = FeaturePairModel(extractor, **config["features"])
-            model = CombinedPairModel(features, TunedPairModel(extractor, **config["tuned"]))
+            tuned = TunedPairModel(extractor, **config["tuned"])
+            model = CombinedPairModel(features, tuned, consensus=config.get("consensus"))
         else:
             kind_class = FeaturePairModel if kind == "labkit.FeaturePairModel" else TunedPairModel
             model = kind_class(extractor, **config)
@@ -1017,11 +1018,13 @@ def rerank_encoded(
     n = min(int(top_n), results.retrieved.shape[1])
     valid, queries, items = listed_pairs(results, n)
     base = results.distances[:, :n][valid]
+    consensus = getattr(model, "consensus", None)
+    scorer = model.score_parts if consensus else model.score
     was_training = model.training
     model.eval()
     try:
         out = [
-            model.score(
+            scorer(
                 encoded[queries[at : at + batch_size]],
                 encoded[items[at : at + batch_size]],
                 base[at : at + batch_size],
@@ -1031,8 +1034,16 @@ def rerank_encoded(
         ]
     finally:
         model.train(was_training)
-    scores = torch.full(valid.shape, torch.inf)
-    scores[valid] = torch.cat(out) if out else torch.zeros(0)
+
+    def as_lists(parts: list[Tensor]) -> Tensor:  # (P,) pieces -> (Q, n), +inf = padding
+        lists = torch.full(valid.shape, torch.inf)
+        lists[valid] = torch.cat(parts) if parts else torch.zeros(0)
+        return lists
+
+    if not consensus:
+        return _rerank_scores(results, as_lists(out), n)
+    head_alone, copy_alone, combined = (as_lists([part[k] for part in out]) for k in range(3))
+    scores = consensus_scores(as_lists([base.float()]), head_alone, copy_alone, combined, consensus)
     return _rerank_scores(results, scores, n)
 
 
@@ -1547,6 +1558,37 @@ COMBINED_TUNED_WEIGHT = 0.5
 # (`benchmarks/rerank.py --select-flipped`: criterion -0.0195 at weight 0.5, -0.0280 at 1; the default
 # -0.0191).
 COMBINED_TUNED_FLIP = False
+# How a `CombinedPairModel` orders a query's first results: None = by its score; "agree" = by its score only
+# where its two models alone (the head: distance + correction; the copy: distance + weight x tuned distance)
+# put the same item first, else the baseline order; "borda" = by the sum of the item's ranks under the two
+# models alone, ties by its score. "agree" won the ninth round on held-out train classes
+# (`benchmarks/rerank.py --select-consensus`: criterion -0.0086; "borda" -0.0212; ordering by the score, the
+# default until then, -0.0191).
+CONSENSUS_MODES = ("agree", "borda")
+COMBINED_CONSENSUS: str | None = "agree"
+
+
+def consensus_scores(
+    distances: Tensor, head_alone: Tensor, copy_alone: Tensor, combined: Tensor, mode: str
+) -> Tensor:
+    """(Q, n) scores that order each query's first n results (ascending; +inf where `distances` is padding)
+    by a consensus of two models' scores of the same pairs (see `COMBINED_CONSENSUS`): "agree" returns
+    `combined` where `head_alone` and `copy_alone` have the same argmin, else `distances`; "borda" the sum of
+    each item's ranks under the two (0 = first), plus its rank under `combined` / n to break ties. Both
+    return the order of `distances` when the two models keep it."""
+    if mode not in CONSENSUS_MODES:
+        raise ValueError(f"consensus={mode!r} is not one of {CONSENSUS_MODES} (or None)")
+    if mode == "agree":
+        agree = head_alone.argmin(dim=1) == copy_alone.argmin(dim=1)
+        scores = torch.where(agree[:, None], combined, distances)
+    else:
+
+        def ranks(values: Tensor) -> Tensor:  # 0 = first; ties keep the baseline order
+            return torch.argsort(torch.argsort(values, dim=1, stable=True), dim=1).float()
+
+        n = distances.shape[1]
+        scores = ranks(head_alone) + ranks(copy_alone) + ranks(combined) / n
+    return torch.where(torch.isfinite(distances), scores, torch.inf)
 
 
 class CombinedPairModel(_EncodedPairModel):
@@ -1561,8 +1603,12 @@ class CombinedPairModel(_EncodedPairModel):
     take it.
     """
 
-    def __init__(self, features: FeaturePairModel, tuned: TunedPairModel) -> None:
+    def __init__(
+        self, features: FeaturePairModel, tuned: TunedPairModel, *, consensus: str | None = None
+    ) -> None:
         super().__init__()
+        if consensus is not None and consensus not in CONSENSUS_MODES:
+            raise ValueError(f"consensus={consensus!r} is not one of {CONSENSUS_MODES} (or None)")
         if not isinstance(features, FeaturePairModel) or not isinstance(tuned, TunedPairModel):
             raise ValueError(
                 "CombinedPairModel needs a FeaturePairModel and a TunedPairModel; got "
@@ -1570,7 +1616,7 @@ class CombinedPairModel(_EncodedPairModel):
             )
         if features.extractor is not tuned.extractor:
             raise ValueError("the FeaturePairModel and the TunedPairModel must share one extractor object")
-        self.features, self.tuned = features, tuned
+        self.features, self.tuned, self.consensus = features, tuned, consensus
         self.data_config = dict(features.data_config)
         self.sizes = [*features.sizes, *tuned.sizes[1:]]
 
@@ -1581,12 +1627,14 @@ class CombinedPairModel(_EncodedPairModel):
         *,
         weight: float = COMBINED_TUNED_WEIGHT,
         flip: bool = COMBINED_TUNED_FLIP,
+        consensus: str | None = COMBINED_CONSENSUS,
         **feature_kwargs: Any,
     ) -> CombinedPairModel:
         """A `FeaturePairModel(extractor, **feature_kwargs)` and a `TunedPairModel(extractor, weight=weight,
-        flip=flip)` over one extractor (defaults: see `COMBINED_TUNED_WEIGHT`, `COMBINED_TUNED_FLIP`)."""
+        flip=flip)` over one extractor, ordered by `consensus` (defaults: see `COMBINED_TUNED_WEIGHT`,
+        `COMBINED_TUNED_FLIP`, `COMBINED_CONSENSUS`)."""
         tuned = TunedPairModel(extractor, weight=weight, flip=flip)
-        return cls(FeaturePairModel(extractor, **feature_kwargs), tuned)
+        return cls(FeaturePairModel(extractor, **feature_kwargs), tuned, consensus=consensus)
 
     @property
     def extractor(self) -> nn.Module:
@@ -1598,7 +1646,8 @@ class CombinedPairModel(_EncodedPairModel):
 
     @property
     def config(self) -> dict[str, Any]:
-        return {"features": dict(self.features.config), "tuned": dict(self.tuned.config)}
+        config = {"features": dict(self.features.config), "tuned": dict(self.tuned.config)}
+        return config if self.consensus is None else {**config, "consensus": self.consensus}
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
@@ -1617,10 +1666,22 @@ class CombinedPairModel(_EncodedPairModel):
 
     def score(self, encoded1: Tensor, encoded2: Tensor, distances: Tensor, head: int | None = None) -> Tensor:
         """(P,) `distances` + the head's correction (`head`: that head alone) + weight * tuned distances."""
+        head_alone, weighted_tuned = self._parts(encoded1, encoded2, distances, head)
+        return head_alone + weighted_tuned
+
+    def score_parts(
+        self, encoded1: Tensor, encoded2: Tensor, distances: Tensor, head: int | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """(P,) each: the head alone's score (distance + correction), the copy alone's (distance + weight *
+        tuned distance) and `score`'s: what `consensus_scores` compares."""
+        head_alone, weighted_tuned = self._parts(encoded1, encoded2, distances, head)
+        return head_alone, distances.float() + weighted_tuned, head_alone + weighted_tuned
+
+    def _parts(self, encoded1: Tensor, encoded2: Tensor, distances: Tensor, head: int | None) -> tuple:
         split = sum(self.features.sizes)
-        scores = self.features.score(encoded1[:, :split], encoded2[:, :split], distances, head)
+        head_alone = self.features.score(encoded1[:, :split], encoded2[:, :split], distances, head)
         tuned = self.tuned.tuned_distances(encoded1[:, split:], encoded2[:, split:], distances)
-        return scores + self.tuned.weight * tuned
+        return head_alone, self.tuned.weight * tuned
 
 
 def fit_combined_reranker(

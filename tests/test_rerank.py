@@ -638,6 +638,62 @@ def test_mirror_averaged_tuned_distance_keeps_the_baseline_untrained_and_adds_th
     assert loaded.tuned.flip and torch.equal(loaded(a, b, d), model(a, b, d))
 
 
+def test_consensus_scores_gate_or_rank_by_both_models_by_hand():
+    from labkit.rerank import consensus_scores
+
+    inf = torch.inf
+    distances = torch.tensor([[0.1, 0.2, 0.3], [0.1, 0.2, 0.3], [0.1, 0.2, inf]])
+    head_alone = torch.tensor([[0.5, 0.1, 0.2], [0.5, 0.1, 0.2], [0.1, 0.3, inf]])
+    copy_alone = torch.tensor([[0.4, 0.2, 0.3], [0.3, 0.5, 0.1], [0.4, 0.2, inf]])
+    combined = torch.tensor([[0.9, 0.3, 0.5], [0.8, 0.6, 0.3], [0.5, 0.5, inf]])
+    agree = consensus_scores(distances, head_alone, copy_alone, combined, "agree")
+    # query 0: both put item 1 first -> the combined score; query 1 (1 vs 2) and 2 (0 vs 1): the baseline
+    assert torch.equal(agree, torch.tensor([[0.9, 0.3, 0.5], [0.1, 0.2, 0.3], [0.1, 0.2, inf]]))
+    borda = consensus_scores(distances, head_alone, copy_alone, combined, "borda")
+    # ranks per item (head + copy + combined / 3): query 0 (2+2+2/3, 0+0+0, 1+1+1/3); query 1 (2+1+2/3,
+    # 0+2+1/3, 1+0+0); query 2: a tie (0+1 against 1+0) broken by the combined ranks (0, 1/3: stable sort)
+    expected = torch.tensor([[4 + 2 / 3, 0, 2 + 1 / 3], [3 + 2 / 3, 2 + 1 / 3, 1], [1, 1 + 1 / 3, inf]])
+    torch.testing.assert_close(borda, expected)
+    with pytest.raises(ValueError, match="consensus='vote' is not one of"):
+        consensus_scores(distances, head_alone, copy_alone, combined, "vote")
+
+
+@pytest.mark.parametrize("consensus", ["agree", "borda"])
+def test_consensus_combined_reranker_keeps_the_baseline_untrained_and_reloads(
+    figures_df, tmp_path, consensus
+):
+    from labkit.rerank import CombinedPairModel, consensus_scores
+
+    extractor, _, _, valid_images, results = _feature_setup(figures_df)
+    model = CombinedPairModel.from_extractor(extractor, consensus=consensus, n_stages=2)
+    assert model.config["consensus"] == consensus
+    out = PairwiseReranker(5, model, batch_size=16).rerank(results, valid_images)
+    assert torch.equal(out.retrieved, results.retrieved)
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # moved models: the re-ranked order is the consensus of their scores
+        for parameter in [*model.tuned.tuned.parameters(), *model.features.parameters()]:
+            if parameter.requires_grad:  # not the shared (frozen) extractor
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    out = PairwiseReranker(5, model, batch_size=16).rerank(results, valid_images)
+    encoded = model.encode(valid_images)
+    top = results.retrieved[:, :5]
+    queries = results.query_ids[:, None].expand_as(top).reshape(-1)
+    distances = results.distances[:, :5].float()
+    with torch.no_grad():
+        parts = model.score_parts(encoded[queries], encoded[top.reshape(-1)], distances.reshape(-1))
+    head_alone, copy_alone, combined = (part.view_as(distances) for part in parts)
+    scores = consensus_scores(distances, head_alone, copy_alone, combined, consensus)
+    order = torch.argsort(scores, dim=1, stable=True)
+    assert torch.equal(out.retrieved[:, :5], top.gather(1, order))
+    assert not torch.equal(out.retrieved, results.retrieved)  # it moved
+    assert torch.equal(out.retrieved[:, 5:], results.retrieved[:, 5:])
+    assert bool((out.distances[:, 1:] >= out.distances[:, :-1]).all())
+    loaded = load_pairwise(save_pairwise(model, tmp_path / f"{consensus}.pt"))
+    assert loaded.consensus == consensus and loaded.config == model.config
+    again = PairwiseReranker(5, loaded, batch_size=16).rerank(results, valid_images)
+    assert torch.equal(again.retrieved, out.retrieved) and torch.equal(again.distances, out.distances)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fit_combined_reranker_on_cuda(figures_df):
     """04's default on a GPU (its accelerator "auto"): both fits run there and the re-ranker keeps its
