@@ -585,20 +585,13 @@ def select_flipped(name: str, df: pd.DataFrame, seed: int, fold: int = 0) -> lis
 def consensus_scores(
     distances: torch.Tensor, correction: torch.Tensor, tuned_distances: torch.Tensor, weight: float
 ) -> dict[str, torch.Tensor]:
-    """(queries, n) scores, ascending = better: "agree" and "borda" (see the ninth round above) from the
-    baseline `distances`, the head's `correction` and the copy's `tuned_distances`."""
+    """(queries, n) scores, ascending = better: "agree" and "borda" (`rerank.consensus_scores`, see the ninth
+    round above) from the baseline `distances`, the head's `correction` and the copy's `tuned_distances`."""
     head_alone = distances + correction
     copy_alone = distances + weight * tuned_distances
     combined = head_alone + weight * tuned_distances
-    agree = head_alone.argmin(dim=1) == copy_alone.argmin(dim=1)
-    gated = torch.where(agree[:, None], combined, distances)
-
-    def ranks(scores: torch.Tensor) -> torch.Tensor:  # 0 = first; ties keep the baseline order
-        return torch.argsort(torch.argsort(scores, dim=1, stable=True), dim=1).float()
-
-    n = distances.shape[1]
-    borda = ranks(head_alone) + ranks(copy_alone) + ranks(combined) / n  # the last term only breaks ties
-    return {"agree": gated, "borda": borda}
+    parts = (distances, head_alone, copy_alone, combined)
+    return {mode: rerank.consensus_scores(*parts, mode) for mode in rerank.CONSENSUS_MODES}
 
 
 def select_consensus(name: str, df: pd.DataFrame, seed: int, fold: int = 0) -> list[dict]:
