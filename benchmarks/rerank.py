@@ -130,6 +130,8 @@ CANDIDATES: dict[str, dict] = {
     "tuned": {"model": "tuned"},  # TunedPairModel + fit_tuned_reranker with their defaults
     # CombinedPairModel.from_extractor + fit_combined_reranker with their defaults (04's "features+tuned")
     "features + tuned": {"model": "both"},
+    # the same, every query ordered by the summed score (04's default from the sixth to the ninth round)
+    "features + tuned, summed": {"model": "both", "consensus": None},
     # Fourth round (--nested-candidates, written before its results; reference "10 epochs" = the default):
     # re-order only the first 3 (fewer, surer flips), turned views (figures' shapes are randomly rotated),
     # 8 cross-fitted heads (more averaging), lists of 20 (more negatives per list).

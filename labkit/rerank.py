@@ -1,8 +1,9 @@
 """Second-stage retrieval: pairwise re-rankers of each query's first results.
 
 The default (04's `pair_model = "features+tuned"`) adds two learned corrections to the extractor's distance:
-the frozen-feature head's and the fine-tuned copy's, below. It was chosen over the head alone on held-out
-train classes (`benchmarks/rerank.py --select-nested --tuned-epochs 9`, the sixth round).
+the frozen-feature head's and the fine-tuned copy's, below, and re-orders a query only where both agree on its
+first result. It was chosen over the head alone on held-out train classes (`benchmarks/rerank.py
+--select-nested --tuned-epochs 9`, the sixth round; the agreement by `--select-consensus`, the ninth).
 
 The frozen-feature head (04's `pair_model = "features"`; its epoch cap chosen by `--nested-candidates`):
 - `FeaturePairModel`: both images through the trained extractor (one shared, frozen backbone); the pair's
@@ -27,7 +28,10 @@ The fine-tuned copy (04's `pair_model = "tuned"`):
 
 Both at once (the default): `CombinedPairModel` adds the head's correction and `COMBINED_TUNED_WEIGHT` (0.5)
 x the tuned copy's distance to the extractor's distance; `fit_combined_reranker` fits the two models as above,
-one after the other (the cost of both).
+one after the other (the cost of both). By default (`COMBINED_CONSENSUS = "agree"`, the ninth round) a
+query's first results are re-ordered by that score only where the two models, each alone, put the same item
+first; elsewhere they keep the baseline order (`consensus_scores`; "borda", an option, orders by the sum of
+their ranks).
 
 Kept for comparison (OML's layout):
 - `mine_pairs`: the hardest positive and hardest negative pair of every anchor in a batch (or all pairs).
@@ -1014,7 +1018,8 @@ def rerank_encoded(
     head: int | None = None,
 ):
     """`results` with each query's top_n re-ordered by `model.score` from encoded items (row i = item i;
-    only the rows of queries and top_n items are read; `head`: one head alone). Ties keep their order."""
+    only the rows of queries and top_n items are read; `head`: one head alone). Ties keep their order. A
+    model with a `consensus` (`CombinedPairModel`) orders by `consensus_scores` of its `score_parts`."""
     n = min(int(top_n), results.retrieved.shape[1])
     valid, queries, items = listed_pairs(results, n)
     base = results.distances[:, :n][valid]
@@ -1600,7 +1605,9 @@ class CombinedPairModel(_EncodedPairModel):
     reproduces the baseline order exactly. One flat vector per image (the feature model's encoding, then the
     tuned copy's embedding), so a gallery is encoded once. Same interface as the other two (`encode`,
     `embeddings`, `score`, `sizes`): `PairwiseReranker`, `rerank_encoded`, `save_pairwise` and `load_pairwise`
-    take it.
+    take it. `consensus` ("agree", "borda"; None = by the score) makes `rerank_encoded` order each query's
+    list by `consensus_scores` of `score_parts` instead of by `score` (`from_extractor`'s default:
+    `COMBINED_CONSENSUS`); an untrained model still gives the baseline order.
     """
 
     def __init__(
