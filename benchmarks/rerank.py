@@ -545,9 +545,10 @@ def select_averaged(name: str, df: pd.DataFrame, seed: int, fold: int = 0) -> li
 FLIPPED_WEIGHTS = (0.5, 1.0)
 
 
-def select_flipped(name: str, df: pd.DataFrame, seed: int, fold: int = 0) -> list[dict]:
-    """The eighth round on `select_nested`'s proxy (same folds, cached extractors, seeds and fits): the
-    reference "features + tuned e9 w0.5" and the same run's copy with mirror-averaged distances."""
+def reference_round(name: str, df: pd.DataFrame, seed: int, fold: int, candidates) -> list[dict]:
+    """One fold of a round measured from the reference's own fine-tuning run on `select_nested`'s proxy (same
+    folds, cached extractors, seeds and fits): the reference "features + tuned e9 w0.5" (04's default
+    fitting), then `candidates(head, model, tuned_distances)` adds the round's rows after epoch 9."""
     head = nested_head(name, df, seed, fold)
     torch.manual_seed(seed)
     tuned = rerank.TunedPairModel(head.extractor)
@@ -556,9 +557,22 @@ def select_flipped(name: str, df: pd.DataFrame, seed: int, fold: int = 0) -> lis
     def measure(epoch: int, model) -> None:
         if epoch != AVERAGED_EPOCHS:
             return
-        head.add_scores(
-            reference, head.distances + head.correction + AVERAGED_WEIGHT * head.tuned_distances(model)
-        )
+        tuned_distances = head.tuned_distances(model)
+        head.add_scores(reference, head.distances + head.correction + AVERAGED_WEIGHT * tuned_distances)
+        candidates(head, model, tuned_distances)
+
+    rerank.fit_tuned_reranker(
+        tuned, head.images, head.labels, epochs=AVERAGED_EPOCHS, seed=seed, on_epoch=measure
+    )
+    print(pd.DataFrame(head.rows).round(4).to_string(index=False), flush=True)
+    return head.rows
+
+
+def select_flipped(name: str, df: pd.DataFrame, seed: int, fold: int = 0) -> list[dict]:
+    """The eighth round (`reference_round`): the reference and the same run's copy with mirror-averaged
+    distances."""
+
+    def candidates(head: NestedHead, model, _) -> None:
         mirrored = rerank.TunedPairModel(head.extractor, flip=True)  # the same weights, read on both views
         mirrored.tuned.load_state_dict(model.tuned.state_dict())
         flipped = head.tuned_distances(mirrored)
@@ -566,11 +580,7 @@ def select_flipped(name: str, df: pd.DataFrame, seed: int, fold: int = 0) -> lis
             scores = head.distances + head.correction + weight * flipped
             head.add_scores(f"features + tuned e{AVERAGED_EPOCHS} w{weight:g} flip", scores)
 
-    rerank.fit_tuned_reranker(
-        tuned, head.images, head.labels, epochs=AVERAGED_EPOCHS, seed=seed, on_epoch=measure
-    )
-    print(pd.DataFrame(head.rows).round(4).to_string(index=False), flush=True)
-    return head.rows
+    return reference_round(name, df, seed, fold, candidates)
 
 
 # Ninth round (written and committed before its results): consensus of the default's two corrections. On
@@ -597,27 +607,15 @@ def consensus_scores(
 
 
 def select_consensus(name: str, df: pd.DataFrame, seed: int, fold: int = 0) -> list[dict]:
-    """The ninth round on `select_nested`'s proxy (same folds, cached extractors, seeds and fits): the
-    reference "features + tuned e9 w0.5" and its two consensus orders."""
-    head = nested_head(name, df, seed, fold)
-    torch.manual_seed(seed)
-    tuned = rerank.TunedPairModel(head.extractor)
+    """The ninth round (`reference_round`): the reference and its two consensus orders."""
     reference = f"features + tuned e{AVERAGED_EPOCHS} w{AVERAGED_WEIGHT:g}"
 
-    def measure(epoch: int, model) -> None:
-        if epoch != AVERAGED_EPOCHS:
-            return
-        tuned_distances = head.tuned_distances(model)
-        head.add_scores(reference, head.distances + head.correction + AVERAGED_WEIGHT * tuned_distances)
+    def candidates(head: NestedHead, _, tuned_distances: torch.Tensor) -> None:
         scores = consensus_scores(head.distances, head.correction, tuned_distances, AVERAGED_WEIGHT)
         for label, scored in scores.items():
             head.add_scores(f"{reference} {label}", scored)
 
-    rerank.fit_tuned_reranker(
-        tuned, head.images, head.labels, epochs=AVERAGED_EPOCHS, seed=seed, on_epoch=measure
-    )
-    print(pd.DataFrame(head.rows).round(4).to_string(index=False), flush=True)
-    return head.rows
+    return reference_round(name, df, seed, fold, candidates)
 
 
 def selection_table(rows: pd.DataFrame) -> pd.DataFrame:

@@ -1712,9 +1712,10 @@ def fit_combined_reranker(
 
     History: the feature head's epochs (0 = the baseline, `stage` "features", its loss in `loss`), then the
     fine-tuning epochs (`stage` "tuned", numbered on, its loss in `tuned_loss`) with the validation metrics of
-    the combined score when `val_results` and `val_images` are given — for the plot only; nothing is chosen by
-    them. `chosen` marks the feature head's kept epoch and the last fine-tuning epoch; `history.attrs`:
-    `best_epoch` (the head's), `tuned_epochs`, `folds`, `encode_seconds`, `train_seconds` (both fits).
+    the combined model (its `consensus` order) when `val_results` and `val_images` are given — for the plot
+    only; nothing is chosen by them. `chosen` marks the feature head's kept epoch and the last fine-tuning
+    epoch; `history.attrs`: `best_epoch` (the head's), `tuned_epochs`, `folds`, `encode_seconds`,
+    `train_seconds` (both fits).
     """
     common = {"top_n": top_n, "batch_size": batch_size, "device": device, "seed": seed, "progress": progress}
     validation = {"val_results": val_results, "val_images": val_images}
