@@ -490,6 +490,8 @@ AVERAGED_EPOCHS = 9
 AVERAGED_WEIGHT = 0.5
 EMA_DECAYS = (0.9, 0.97)
 SWA_FIRST_EPOCH = 5
+# the reference row of the seventh to ninth rounds: 04's default fitting (head + 0.5 x the copy after epoch 9)
+REFERENCE = f"features + tuned e{AVERAGED_EPOCHS} w{AVERAGED_WEIGHT:g}"
 
 
 def select_averaged(name: str, df: pd.DataFrame, seed: int, fold: int = 0) -> list[dict]:
@@ -506,7 +508,6 @@ def select_averaged(name: str, df: pd.DataFrame, seed: int, fold: int = 0) -> li
     }
     swa_label = f"swa {SWA_FIRST_EPOCH}-{AVERAGED_EPOCHS}"
     swa = AveragedModel(tuned.tuned, use_buffers=True)
-    reference = f"features + tuned e{AVERAGED_EPOCHS} w{AVERAGED_WEIGHT:g}"
 
     def step(_: int, model) -> None:
         for average in emas.values():
@@ -523,7 +524,7 @@ def select_averaged(name: str, df: pd.DataFrame, seed: int, fold: int = 0) -> li
                 scored = copy.deepcopy(model)
                 scored.tuned.load_state_dict(average.module.state_dict())
             scores = head.distances + head.correction + AVERAGED_WEIGHT * head.tuned_distances(scored)
-            head.add_scores(reference if label is None else f"{reference} {label}", scores)
+            head.add_scores(REFERENCE if label is None else f"{REFERENCE} {label}", scores)
 
     rerank.fit_tuned_reranker(
         tuned, head.images, head.labels, epochs=AVERAGED_EPOCHS, seed=seed, on_epoch=measure, on_step=step
@@ -552,13 +553,12 @@ def reference_round(name: str, df: pd.DataFrame, seed: int, fold: int, candidate
     head = nested_head(name, df, seed, fold)
     torch.manual_seed(seed)
     tuned = rerank.TunedPairModel(head.extractor)
-    reference = f"features + tuned e{AVERAGED_EPOCHS} w{AVERAGED_WEIGHT:g}"
 
     def measure(epoch: int, model) -> None:
         if epoch != AVERAGED_EPOCHS:
             return
         tuned_distances = head.tuned_distances(model)
-        head.add_scores(reference, head.distances + head.correction + AVERAGED_WEIGHT * tuned_distances)
+        head.add_scores(REFERENCE, head.distances + head.correction + AVERAGED_WEIGHT * tuned_distances)
         candidates(head, model, tuned_distances)
 
     rerank.fit_tuned_reranker(
@@ -608,12 +608,11 @@ def consensus_scores(
 
 def select_consensus(name: str, df: pd.DataFrame, seed: int, fold: int = 0) -> list[dict]:
     """The ninth round (`reference_round`): the reference and its two consensus orders."""
-    reference = f"features + tuned e{AVERAGED_EPOCHS} w{AVERAGED_WEIGHT:g}"
 
     def candidates(head: NestedHead, _, tuned_distances: torch.Tensor) -> None:
         scores = consensus_scores(head.distances, head.correction, tuned_distances, AVERAGED_WEIGHT)
         for label, scored in scores.items():
-            head.add_scores(f"{reference} {label}", scored)
+            head.add_scores(f"{REFERENCE} {label}", scored)
 
     return reference_round(name, df, seed, fold, candidates)
 
