@@ -1361,32 +1361,39 @@ class TunedPairModel(_EncodedPairModel):
         self.extractor.eval()  # frozen: batch-norm statistics never change
         return self
 
-    def _mirror_averaged(self, model: nn.Module, images: Tensor) -> Tensor:
+    def _mirror_averaged(self, model: nn.Module, images: Tensor, plain: Tensor | None = None) -> Tensor:
         """`model`'s embedding averaged over the images and their mirror images (normalised again when the
-        extractor normalises)."""
-        mean = (model(images) + model(images.flip(-1))) / 2
+        extractor normalises); `plain`: `model(images)` when already computed."""
+        mean = ((model(images) if plain is None else plain) + model(images.flip(-1))) / 2
         return nn.functional.normalize(mean, dim=1) if getattr(self.extractor, "normalize", False) else mean
 
     @torch.no_grad()
-    def encode_tuned(self, images: Tensor) -> Tensor:
+    def encode_tuned(self, images: Tensor, plain: Tensor | None = None) -> Tensor:
         """(B, D) the tuned copy's embedding, or with `flip` (B, 2 D): the extractor's and the tuned copy's
-        embeddings, each averaged over the images and their mirror images. `tuned_distances` reads it."""
+        embeddings, each averaged over the images and their mirror images. `tuned_distances` reads it.
+        `plain`: the extractor's embedding of `images` when already computed (with `flip` it is reused)."""
         was_training = self.training
         self.eval()
         try:
             if not self.flip:
                 return self.tuned(images)
-            return torch.cat([self._mirror_averaged(m, images) for m in (self.extractor, self.tuned)], dim=1)
+            averaged = [
+                self._mirror_averaged(self.extractor, images, plain),
+                self._mirror_averaged(self.tuned, images),
+            ]
+            return torch.cat(averaged, dim=1)
         finally:
             self.train(was_training)
 
     @torch.no_grad()
     def encode(self, images: Tensor) -> Tensor:
-        """(B, 2 D), or (B, 3 D) with `flip`: the extractor's embedding, then `encode_tuned`'s."""
+        """(B, 2 D), or (B, 3 D) with `flip`: the extractor's embedding, then `encode_tuned`'s (the plain
+        embedding computed once)."""
         was_training = self.training
         self.eval()
         try:
-            return torch.cat([self.extractor(images), self.encode_tuned(images)], dim=1)
+            plain = self.extractor(images)
+            return torch.cat([plain, self.encode_tuned(images, plain)], dim=1)
         finally:
             self.train(was_training)
 

@@ -732,3 +732,19 @@ def test_most_changed_query_can_prefer_improved_queries():
     after = before.reordered(torch.tensor([[1, 2, 3], [1, 5, 4]]), before.distances)
     assert most_changed_query(before, after, k=3) == 1
     assert most_changed_query(before, after, k=3, improved=True) == 0
+
+
+def test_mirror_averaged_encoding_runs_each_network_once_per_view(figures_df):
+    from labkit.rerank import TunedPairModel
+
+    extractor, _, _, valid_images, _ = _feature_setup(figures_df)
+    model = TunedPairModel(extractor, flip=True)
+    calls = {"extractor": 0, "tuned": 0}
+    for name, net in (("extractor", model.extractor), ("tuned", model.tuned)):
+        net.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    images = valid_images[:4]
+    encoded = model.encode(images)
+    assert calls == {"extractor": 2, "tuned": 2}  # plain + mirrored each; the plain embedding is reused
+    with torch.no_grad():
+        expected = torch.cat([extractor(images), model.encode_tuned(images)], dim=1)
+    assert torch.equal(encoded, expected)
