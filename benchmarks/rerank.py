@@ -37,7 +37,7 @@ Choosing settings, on TRAIN classes only:
   `depth_choice`, also refuses a candidate whose mean gain is below the reference's);
 - `--nested-candidates --candidates ...` runs that proxy for entries of `CANDIDATES` (e.g. the epoch caps).
 Each prints the gains per seed and a selection table whose last column is the rule: mean gain - 2 x std over
-seeds, the smallest over datasets and {cmc@1, map@5}.
+seeds, the smallest over datasets and {cmc@1, map@5}. Every round's tables and verdicts: `RERANK_ROUNDS.md`.
 
     .venv/bin/python benchmarks/rerank.py [--datasets figures photo-quadrants] [--seeds 0 1 2]
     .venv/bin/python benchmarks/rerank.py --setting features      # the head alone (or: tuned)
@@ -696,7 +696,9 @@ def depth_choice(rows: pd.DataFrame, reference: str = DEPTH_REFERENCE) -> tuple[
 
 def print_depth_choice(rows: pd.DataFrame) -> None:
     winner, verdicts = depth_choice(rows)
-    print(f"\nthe tenth round's rule (eligible: mean gains >= {DEPTH_REFERENCE!r}'s): {winner!r}")
+    datasets = ", ".join(rows["dataset"].unique())
+    eligible = f"eligible: mean gains >= {DEPTH_REFERENCE!r}'s"
+    print(f"\nthe tenth round's rule over {datasets} ({eligible}): {winner!r}")
     print(verdicts.round(4).to_string(index=False))
 
 

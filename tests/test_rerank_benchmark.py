@@ -57,6 +57,34 @@ def test_selection_table_averages_folds_per_seed_then_applies_the_rule(bench):
     assert table.loc[0, "min(mean - 2 std)"] == pytest.approx(0.0, abs=1e-9)
 
 
+def test_depth_choice_refuses_a_steadier_candidate_whose_mean_gain_shrinks(bench):
+    ref, summed, agree10, top10 = bench.DEPTH_REFERENCE, *bench.DEPTH_CANDIDATES
+    # per-seed gains (seeds 0-2, same on both datasets and metrics); two folds of equal gain per seed
+    gains = {
+        ref: (0.01, 0.03, 0.02),  # mean 0.02, std 0.01 -> criterion 0.0
+        summed: (0.0, 0.04, 0.02),  # mean 0.02, std 0.02 -> -0.02: eligible, worse
+        agree10: (0.018, 0.019, 0.020),  # mean 0.019 < 0.02: not eligible although its criterion is 0.017
+        top10: (0.02, 0.04, 0.03),  # mean 0.03, std 0.01 -> 0.01: eligible, wins
+        "features": (0.05, 0.05, 0.05),  # not a candidate of the round
+    }
+    rows = [
+        {"dataset": name, "seed": seed, "fold": fold, "candidate": label, "gain cmc@1": g, "gain map@5": g}
+        for label, per_seed in gains.items()
+        for seed, g in enumerate(per_seed)
+        for fold in (0, 1)
+        for name in ("figures", "photo")
+    ]
+    winner, table = bench.depth_choice(pd.DataFrame(rows))
+    assert winner == top10
+    verdict = table.set_index("candidate")
+    assert "features" not in verdict.index
+    assert verdict.loc[ref, "criterion"] == pytest.approx(0.0, abs=1e-9)
+    assert verdict.loc[agree10, "criterion"] == pytest.approx(0.017, abs=1e-9)
+    assert verdict["eligible"].to_dict() == {ref: True, summed: True, agree10: False, top10: True}
+    without_top10 = pd.DataFrame([r for r in rows if r["candidate"] != top10])
+    assert bench.depth_choice(without_top10)[0] == ref  # the ineligible best criterion does not win
+
+
 def test_pass_epochs_draws_about_one_list_per_train_image(bench):
     assert [bench.pass_epochs(n) for n in (40, 480, 640, 1056)] == [1, 6, 8, 13]
     assert np.isclose(bench.pass_epochs(1056, queries_per_step=4), 26)
