@@ -166,8 +166,9 @@ def fit_setting(extractor, images, labels, setting: dict, seed: int):
     FeaturePairModel."""
     setting = dict(setting)
     kind = setting.pop("model", "features")
-    if kind == "both":  # key "rerank_top_n": results re-ordered (default 5; the training is the same)
-        depth = int(setting.pop("rerank_top_n", 5))
+    if kind == "both":  # "rerank_top_n" (or --top-n): results re-ordered (default 5; the same training)
+        depth, override = setting.pop("rerank_top_n", 5), setting.pop("top_n", None)
+        depth = int(depth if override is None else override)
         model = rerank.CombinedPairModel.from_extractor(extractor, **setting)
         model, history = rerank.fit_combined_reranker(model, images, labels, seed=seed)
         return model, depth, history
