@@ -674,24 +674,19 @@ def depth_choice(rows: pd.DataFrame, reference: str = DEPTH_REFERENCE) -> tuple[
     """The tenth round's rule on its rows: (the winner, per candidate its mean gains, min(mean - 2 std) and
     eligibility). Eligible: a mean gain at least the reference's on every dataset x {cmc@1, map@5}. Rows of
     other candidates (e.g. "features") are not considered."""
-    rows = rows[rows["candidate"].isin([reference, *DEPTH_CANDIDATES])]
-    by_seed = rows.groupby(["dataset", "seed", "candidate"], sort=False).mean(numeric_only=True)
-    gains = by_seed.groupby(["candidate", "dataset"], sort=False)[["gain cmc@1", "gain map@5"]]
-    stats = gains.agg(["mean", "std"])
+    stats = gain_stats(rows[rows["candidate"].isin([reference, *DEPTH_CANDIDATES])])
+    means = stats.xs("mean", axis=1, level=1)[["gain cmc@1", "gain map@5"]]
     out = []
-    for label in stats.index.get_level_values("candidate").unique():
-        s = stats.loc[label]
-        means = s.xs("mean", axis=1, level=1)
-        row = {"candidate": label, "criterion": float((means - 2 * s.xs("std", axis=1, level=1)).min().min())}
-        row["eligible"] = bool((means >= stats.loc[reference].xs("mean", axis=1, level=1)).all().all())
-        out.append(row)
+    for label in stats.index.unique("candidate"):
+        eligible = bool((means.loc[label] >= means.loc[reference]).all().all())
+        out.append({"candidate": label, "criterion": criterion(stats.loc[label]), "eligible": eligible})
     table = pd.DataFrame(out)
     contenders = table[table["eligible"] & (table["candidate"] != reference)]
     best = table.loc[table["candidate"] == reference, "criterion"].iloc[0]
     winner = reference
-    for label, criterion in zip(contenders["candidate"], contenders["criterion"], strict=True):
-        if criterion > best:
-            winner, best = label, criterion
+    for label, value in zip(contenders["candidate"], contenders["criterion"], strict=True):
+        if value > best:
+            winner, best = label, value
     return winner, table
 
 
@@ -703,23 +698,34 @@ def print_depth_choice(rows: pd.DataFrame) -> None:
     print(verdicts.round(4).to_string(index=False))
 
 
-def selection_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """Per candidate and dataset: mean ± std over seeds of the held-out-train gains, and the criterion: the
-    smallest, over datasets and {cmc@1, map@5}, of mean gain - 2 x std (the 2x-spread test, on train)."""
-    if "fold" in rows:  # --select-nested over several folds: a seed's gain is the mean over its folds
+def gain_stats(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (candidate, dataset), in order of appearance: mean and std over seeds of each "gain <metric>"
+    column of selection rows (with a "fold" column, a seed's gain is the mean over its folds)."""
+    if "fold" in rows:
         by_seed = rows.groupby(["dataset", "seed", "candidate"], sort=False)
         rows = by_seed.mean(numeric_only=True).reset_index()
+    gains = [c for c in rows.columns if c.startswith("gain ")]
+    return rows.groupby(["candidate", "dataset"], sort=False)[gains].agg(["mean", "std"])
+
+
+def criterion(stats: pd.DataFrame) -> float:
+    """The rule's value for one candidate's `gain_stats` rows: the smallest, over datasets and {cmc@1, map@5},
+    of mean gain - 2 x std (the 2x-spread test, on train)."""
+    ruled = stats[["gain cmc@1", "gain map@5"]]
+    return float((ruled.xs("mean", axis=1, level=1) - 2 * ruled.xs("std", axis=1, level=1)).min().min())
+
+
+def selection_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per candidate and dataset: mean ± std over seeds of the held-out-train gains, and the rule's
+    `criterion`."""
+    stats = gain_stats(rows)
     out = []
-    for label, group in rows.groupby("candidate", sort=False):
+    for label in stats.index.unique("candidate"):
         row: dict = {"candidate": label}
-        lows = []
-        for name, g in group.groupby("dataset", sort=False):
+        for name, g in stats.loc[label].iterrows():
             for m in ("cmc@1", "map@5", "precision@5"):
-                gain = g[f"gain {m}"]
-                row[f"{name} {m}"] = f"{gain.mean():+.4f} ± {gain.std(ddof=1):.4f}"
-                if m != "precision@5":
-                    lows.append(gain.mean() - 2 * gain.std(ddof=1))
-        row["min(mean - 2 std)"] = round(min(lows), 4)
+                row[f"{name} {m}"] = f"{g[(f'gain {m}', 'mean')]:+.4f} ± {g[(f'gain {m}', 'std')]:.4f}"
+        row["min(mean - 2 std)"] = round(criterion(stats.loc[label]), 4)
         out.append(row)
     return pd.DataFrame(out)
 
