@@ -1581,6 +1581,11 @@ CONSENSUS_MODES = ("agree", "borda")
 COMBINED_CONSENSUS: str | None = "agree"
 
 
+def _check_consensus(mode: str) -> None:
+    if mode not in CONSENSUS_MODES:
+        raise ValueError(f"consensus={mode!r} is not one of {CONSENSUS_MODES} (or None)")
+
+
 def consensus_scores(
     distances: Tensor, head_alone: Tensor, copy_alone: Tensor, combined: Tensor, mode: str
 ) -> Tensor:
@@ -1589,8 +1594,7 @@ def consensus_scores(
     `combined` where `head_alone` and `copy_alone` have the same argmin, else `distances`; "borda" the sum of
     each item's ranks under the two (0 = first), plus its rank under `combined` / n to break ties. Both
     return the order of `distances` when the two models keep it."""
-    if mode not in CONSENSUS_MODES:
-        raise ValueError(f"consensus={mode!r} is not one of {CONSENSUS_MODES} (or None)")
+    _check_consensus(mode)
     if mode == "agree":
         agree = head_alone.argmin(dim=1) == copy_alone.argmin(dim=1)
         scores = torch.where(agree[:, None], combined, distances)
@@ -1622,8 +1626,8 @@ class CombinedPairModel(_EncodedPairModel):
         self, features: FeaturePairModel, tuned: TunedPairModel, *, consensus: str | None = None
     ) -> None:
         super().__init__()
-        if consensus is not None and consensus not in CONSENSUS_MODES:
-            raise ValueError(f"consensus={consensus!r} is not one of {CONSENSUS_MODES} (or None)")
+        if consensus is not None:
+            _check_consensus(consensus)
         if not isinstance(features, FeaturePairModel) or not isinstance(tuned, TunedPairModel):
             raise ValueError(
                 "CombinedPairModel needs a FeaturePairModel and a TunedPairModel; got "
