@@ -91,10 +91,10 @@ def test_pass_epochs_draws_about_one_list_per_train_image(bench):
 
 
 def test_tables_joins_saved_runs_and_refuses_a_row_given_twice(bench, tmp_path, capsys):
-    def run(seeds, path):
+    def run(seeds, path, map5=0.02):
         rows = [
             {"dataset": "figures", "seed": s, "fold": 0, "candidate": "a", "gain cmc@1": 0.01 * (s + 1),
-             "gain map@5": 0.02, "gain precision@5": 0.0}
+             "gain map@5": map5, "gain precision@5": 0.0}
             for s in seeds
         ]  # fmt: skip
         pd.DataFrame(rows).to_csv(path, index=False)
@@ -106,5 +106,7 @@ def test_tables_joins_saved_runs_and_refuses_a_row_given_twice(bench, tmp_path, 
     assert "+0.0200 ± 0.0100" in out  # cmc@1 over seeds 0-2: 0.01, 0.02, 0.03
     table = bench.selection_table(bench.saved_rows([first, second]))
     assert table.loc[0, "min(mean - 2 std)"] == pytest.approx(0.0, abs=1e-9)  # 0.02 - 2 * 0.01
+    again = bench.saved_rows([first, second, run([1], tmp_path / "same.csv")])  # a recomputed, equal row
+    assert len(again) == 3 and again.equals(bench.saved_rows([first, second]))
     with pytest.raises(SystemExit, match="1 rows given twice"):
-        bench.main(["--tables", first, run([1], tmp_path / "c.csv")])
+        bench.main(["--tables", first, run([1], tmp_path / "c.csv", map5=0.03)])
