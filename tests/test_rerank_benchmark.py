@@ -110,3 +110,33 @@ def test_tables_joins_saved_runs_and_refuses_a_row_given_twice(bench, tmp_path, 
     assert len(again) == 3 and again.equals(bench.saved_rows([first, second]))
     with pytest.raises(SystemExit, match="1 rows given twice"):
         bench.main(["--tables", first, run([1], tmp_path / "c.csv", map5=0.03)])
+
+
+def test_the_eleventh_rounds_rule_reads_its_candidates_joined_with_the_tenth_rounds_reference(
+    bench, tmp_path, capsys
+):
+    ref, copies, copies_agree, *_ = bench.DEPTH_REFERENCE, *bench.COPIES_CANDIDATES
+    gains = {ref: (0.01, 0.03, 0.02), copies: (0.02, 0.04, 0.03), copies_agree: (0.0, 0.05, 0.01)}
+    rows = [
+        {"dataset": name, "seed": seed, "fold": 0, "candidate": label, "gain cmc@1": g, "gain map@5": g,
+         "gain precision@5": 0.0}
+        for label, per_seed in gains.items()
+        for seed, g in enumerate(per_seed)
+        for name in ("figures", "photo")
+    ]  # fmt: skip
+    frame = pd.DataFrame(rows)
+    tenth, eleventh = tmp_path / "tenth.csv", tmp_path / "eleventh.csv"
+    frame[frame["candidate"] == ref].to_csv(tenth, index=False)
+    frame[frame["candidate"] != ref].to_csv(eleventh, index=False)
+    winner, table = bench.depth_choice(frame, candidates=bench.COPIES_CANDIDATES)
+    assert winner == copies  # mean 0.03, std 0.01 -> 0.01 beats the reference's 0.0
+    assert table.set_index("candidate")["eligible"].to_dict() == {ref: True, copies: True, copies_agree: True}
+    assert bench.main(["--tables", str(tenth), str(eleventh)]) == 0  # the eleventh round's other rows absent
+    assert "eleventh" not in capsys.readouterr().out
+    for label in bench.COPIES_CANDIDATES[2:]:
+        extra = frame[frame["candidate"] == ref].assign(candidate=label)
+        frame = pd.concat([frame, extra])
+    frame[frame["candidate"] != ref].to_csv(eleventh, index=False)
+    assert bench.main(["--tables", str(tenth), str(eleventh)]) == 0
+    verdict = f"the eleventh round's rule over figures, photo (eligible: mean gains >= {ref!r}'s): {copies!r}"
+    assert verdict in capsys.readouterr().out
