@@ -729,9 +729,9 @@ def select_copies(name: str, df: pd.DataFrame, seed: int, fold: int = 0) -> list
 def depth_choice(
     rows: pd.DataFrame, reference: str = DEPTH_REFERENCE, candidates: tuple[str, ...] = DEPTH_CANDIDATES
 ) -> tuple[str, pd.DataFrame]:
-    """The tenth round's rule on its rows: (the winner, per candidate its mean gains, min(mean - 2 std) and
-    eligibility). Eligible: a mean gain at least the reference's on every dataset x {cmc@1, map@5}. Rows of
-    other candidates (e.g. "features") are not considered."""
+    """The tenth round's rule (the eleventh's too, with its `candidates`) on its rows: (the winner, per
+    candidate its min(mean - 2 std) and eligibility). Eligible: a mean gain at least the reference's on every
+    dataset x {cmc@1, map@5}. Rows of other candidates (e.g. "features") are not considered."""
     stats = gain_stats(rows[rows["candidate"].isin([reference, *candidates])])
     means = stats.xs("mean", axis=1, level=1)[["gain cmc@1", "gain map@5"]]
     out = []

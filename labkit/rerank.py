@@ -1576,7 +1576,8 @@ COMBINED_TUNED_FLIP = False
 # models alone, ties by its score. "agree" won the ninth round on held-out train classes
 # (`benchmarks/rerank.py --select-consensus`: criterion -0.0086; "borda" -0.0212; ordering by the score, the
 # default until then, -0.0191); the tenth round (`--select-depth`) kept it, first 5, against re-ordering the
-# first 10 (benchmarks/RERANK_ROUNDS.md).
+# first 10, and the eleventh (`--select-copies`) against two averaged fine-tuned copies
+# (benchmarks/RERANK_ROUNDS.md).
 CONSENSUS_MODES = ("agree", "borda")
 COMBINED_CONSENSUS: str | None = "agree"
 
